@@ -1,0 +1,356 @@
+"""The trainable sparse suffix as ONNX Runtime on-device training artifacts, and its parity checks.
+
+Stage k trains blocks ``[k, n)``. The exported graph is that suffix in training mode with
+two additions, both plain ONNX operators:
+
+* **Masks in the graph.** Every masked weight is used as ``weight * weight_mask``; the mask
+  is a non-trainable checkpoint parameter (``<layer>.weight_mask``, float32, 1 = active).
+  The gradient of a masked-out position is therefore exactly zero, so plain SGD never
+  moves it: stored weights that start at zero stay exactly zero, and the effective weights
+  are exactly sparse whatever the optimizer does. The device changes a mask (prune-and-
+  grow) by rewriting that checkpoint parameter; no re-export.
+* **BatchNorm statistics as outputs.** ORT training runs BatchNorm with batch statistics
+  but never updates the running statistics (they are constant inputs of its graph). The
+  running mean/var are non-trainable checkpoint parameters, and the training graph also
+  returns the batch mean and unbiased variance at every BatchNorm input, so the device
+  applies PyTorch's update ``running = (1 - momentum) * running + momentum * batch`` after
+  each step (or averages them over a few batches before evaluating) and rewrites the
+  parameters. The eval graph uses the running statistics, exactly as PyTorch's eval mode.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spfde_edge.models import BlockModel
+
+FEATURES_INPUT = "features"
+LABELS_INPUT = "labels"
+LOGITS_OUTPUT = "logits"
+MASK_SUFFIX = "_mask"
+ARTIFACT_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
+
+
+class MaskedConv2d(nn.Conv2d):
+    """Conv2d whose effective weight is ``weight * weight_mask`` (a buffer)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight * self.weight_mask, self.bias)
+
+
+class MaskedLinear(nn.Linear):
+    """Linear whose effective weight is ``weight * weight_mask`` (a buffer)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight * self.weight_mask, self.bias)
+
+
+class StatsBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that also reports the batch mean and unbiased variance of its input."""
+
+    sink: list[torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sink is not None:
+            self.sink.append(x.mean(dim=(0, 2, 3)))
+            self.sink.append(x.var(dim=(0, 2, 3), unbiased=True))
+        return super().forward(x)
+
+
+class TrainableSuffix(nn.Module):
+    """Blocks ``[k, n)`` of a model, masks in the graph; ``forward`` -> (logits, *bn stats).
+
+    Parameter and buffer names keep the model's ``blocks.<i>.…`` names, so the checkpoint
+    of every stage speaks the same names as the PyTorch model.
+    """
+
+    def __init__(self, model: BlockModel, k: int, masks: dict[str, torch.Tensor]):
+        super().__init__()
+        self.k = k
+        self.blocks = nn.Module()
+        for index in range(k, len(model.blocks)):
+            self.blocks.add_module(str(index), copy.deepcopy(model.blocks[index]))
+        self.mask_names: list[str] = []
+        self.batchnorms: list[tuple[str, StatsBatchNorm2d]] = []
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)) and f"{name}.weight" in masks:
+                module.__class__ = MaskedConv2d if isinstance(module, nn.Conv2d) else MaskedLinear
+                module.register_buffer("weight_mask", masks[f"{name}.weight"].to(torch.float32).clone())
+                self.mask_names.append(f"{name}.weight{MASK_SUFFIX}")
+            elif type(module) is nn.BatchNorm2d:
+                module.__class__ = StatsBatchNorm2d
+                self.batchnorms.append((name, module))
+            elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+                raise NotImplementedError(f"{type(module).__name__} at {name} is not supported "
+                                          "by the suffix export (only BatchNorm2d)")
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        sink: list[torch.Tensor] = [] if self.training else None
+        for _, bn in self.batchnorms:
+            bn.sink = sink
+        try:
+            for block in self.blocks.children():
+                x = block(x)
+        finally:
+            for _, bn in self.batchnorms:
+                bn.sink = None
+        return (x, *(sink or []))
+
+    def stat_output_names(self) -> list[str]:
+        return [f"{name}.batch_{kind}" for name, _ in self.batchnorms for kind in ("mean", "var")]
+
+    def batchnorm_table(self) -> list[dict]:
+        """What the device needs to keep running statistics right, one row per BatchNorm."""
+        return [{"name": name, "running_mean": f"{name}.running_mean",
+                 "running_var": f"{name}.running_var", "batch_mean_output": f"{name}.batch_mean",
+                 "batch_var_output": f"{name}.batch_var", "momentum": float(bn.momentum)}
+                for name, bn in self.batchnorms]
+
+    def apply_masks(self) -> None:
+        """Zero the stored weights under the masks (the graph masks them anyway)."""
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, (MaskedConv2d, MaskedLinear)):
+                    module.weight.mul_(module.weight_mask)
+
+
+@dataclass
+class SuffixArtifacts:
+    folder: Path
+    parameters: list[str]        # trainable, in checkpoint order
+    masks: list[str]
+    batchnorms: list[dict]
+    training_outputs: list[str]  # loss, logits, then one batch mean and var per BatchNorm
+    eval_outputs: list[str]      # loss, logits
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """ORT's gradient builder logs every graph pass to fd 2; keep it, show it only on error."""
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            os.write(2, sink.read()[-4000:])
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _export_training_graph(suffix: TrainableSuffix, example: torch.Tensor, opset: int):
+    """ONNX of the suffix in training mode, with initializers equal to ``suffix``'s state."""
+    import onnx
+    from onnx import numpy_helper
+
+    buffer = io.BytesIO()
+    traced = copy.deepcopy(suffix).train()
+    with warnings.catch_warnings():
+        # The TorchScript exporter is the one that keeps BatchNorm in training mode
+        # (torch.onnx.TrainingMode.TRAINING), which ORT's gradient builder needs; it warns
+        # that it is legacy and that num_batches_tracked's increment is dropped (unused).
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            traced, (example,), buffer, dynamo=False, opset_version=opset,
+            input_names=[FEATURES_INPUT], output_names=[LOGITS_OUTPUT, *suffix.stat_output_names()],
+            dynamic_axes={FEATURES_INPUT: {0: "batch"}, LOGITS_OUTPUT: {0: "batch"}},
+            training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False)
+    proto = onnx.load_from_string(buffer.getvalue())
+    # Tracing ran a training-mode forward on the copy, which moved its running statistics;
+    # the artifacts must start from the model's own values.
+    state = suffix.state_dict()
+    for init in proto.graph.initializer:
+        if init.name in state:
+            init.CopyFrom(numpy_helper.from_array(state[init.name].detach().cpu().numpy(), init.name))
+    return proto
+
+
+def _fix_eval_model(path: Path, keep_outputs: list[str]) -> None:
+    """Make the generated eval graph loadable and lean.
+
+    ``generate_artifacts`` copies the training-mode BatchNormalization nodes (3 outputs) into
+    the eval graph, which ORT refuses to load; inference BatchNormalization has one output
+    and training_mode=0. The batch-statistics outputs are dropped, with the nodes only they
+    needed.
+    """
+    import onnx
+
+    model = onnx.load(path)
+    graph = model.graph
+    for node in graph.node:
+        if node.op_type == "BatchNormalization":
+            del node.output[1:]
+            for attribute in node.attribute:
+                if attribute.name == "training_mode":
+                    attribute.i = 0
+    outputs = [o for o in graph.output if o.name in keep_outputs]
+    del graph.output[:]
+    graph.output.extend(outputs)
+    needed = {o.name for o in graph.output}
+    kept = []
+    for node in reversed(graph.node):
+        if any(name in needed for name in node.output):
+            kept.append(node)
+            needed.update(name for name in node.input if name)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    onnx.save(model, path)
+
+
+def export_suffix(model: BlockModel, masks: dict[str, torch.Tensor], k: int,
+                  example: torch.Tensor, folder: Path, opset: int) -> SuffixArtifacts:
+    """Write training/eval/optimizer models and the checkpoint of stage ``k`` into ``folder``."""
+    from onnxruntime.training import artifacts
+
+    suffix = TrainableSuffix(model, k, masks).train()
+    suffix.apply_masks()
+    proto = _export_training_graph(suffix, example, opset)
+    trainable = [name for name, _ in suffix.named_parameters()]
+    frozen = list(suffix.mask_names)
+    for row in suffix.batchnorm_table():
+        frozen += [row["running_mean"], row["running_var"]]
+    unknown = sorted({i.name for i in proto.graph.initializer} - set(trainable) - set(frozen))
+    if unknown:
+        # Anything else would be baked into the graph where the device cannot see it.
+        raise RuntimeError(f"suffix graph has unexpected initializers {unknown[:5]}")
+    stats = suffix.stat_output_names()
+    folder.mkdir(parents=True, exist_ok=True)
+    with _quiet_native_stderr():
+        artifacts.generate_artifacts(
+            proto, requires_grad=trainable, frozen_params=frozen,
+            loss=artifacts.LossType.CrossEntropyLoss, optimizer=artifacts.OptimType.SGD,
+            artifact_directory=str(folder), loss_input_names=[LOGITS_OUTPUT],
+            additional_output_names=[LOGITS_OUTPUT, *stats])
+    import onnx
+
+    training = onnx.load(folder / "training_model.onnx", load_external_data=False)
+    training_outputs = [o.name for o in training.graph.output][: 2 + len(stats)]
+    _fix_eval_model(folder / "eval_model.onnx", training_outputs[:2])
+    return SuffixArtifacts(folder=folder, parameters=trainable, masks=frozen[: len(suffix.mask_names)],
+                           batchnorms=suffix.batchnorm_table(), training_outputs=training_outputs,
+                           eval_outputs=training_outputs[:2])
+
+
+# -- parity ------------------------------------------------------------------------------------
+
+def _ort_session(folder: Path):
+    from onnxruntime.training.api import CheckpointState, Module, Optimizer
+
+    state = CheckpointState.load_checkpoint(str(folder / "checkpoint"))
+    module = Module(str(folder / "training_model.onnx"), state, str(folder / "eval_model.onnx"))
+    optimizer = Optimizer(str(folder / "optimizer_model.onnx"), module)
+    return state, module, optimizer
+
+
+def _max_rel(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest difference relative to the reference's largest magnitude."""
+    scale = float(np.abs(b).max()) if b.size else 0.0
+    return float(np.abs(a - b).max()) / max(scale, 1e-12) if a.size else 0.0
+
+
+def check_suffix(model: BlockModel, masks: dict[str, torch.Tensor], k: int, folder: Path,
+                 artifacts: SuffixArtifacts, batch_size: int, feature_shape: list[int],
+                 num_classes: int, steps: int = 10, lr: float = 0.05, seed: int = 0) -> dict:
+    """Measure the suffix artifacts against the PyTorch suffix.
+
+    * eval model vs PyTorch eval mode on the exported weights (max abs logits diff);
+    * one ORT training step (loss, then SGD) vs one PyTorch step on the same batch;
+    * ``steps`` steps in both, the ORT side updating running statistics from the batch
+      statistics outputs as the device does; then eval again (BN running statistics
+      included) and the masked weights, which must be exactly zero.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    batches = [(torch.randn([batch_size, *feature_shape], generator=generator),
+                torch.randint(0, num_classes, (batch_size,), generator=generator))
+               for _ in range(steps)]
+    reference = TrainableSuffix(model, k, masks)
+    reference.apply_masks()
+    state, module, optimizer = _ort_session(folder)
+    optimizer.set_learning_rate(lr)
+
+    def ort_eval(x):
+        module.eval()
+        return module(x.numpy(), np.zeros(len(x), dtype=np.int64))[1]
+
+    def torch_eval(x):
+        reference.eval()
+        with torch.no_grad():
+            return reference(x)[0].numpy()
+
+    x0 = batches[0][0]
+    eval_abs = float(np.abs(ort_eval(x0) - torch_eval(x0)).max())
+
+    sgd = torch.optim.SGD(reference.parameters(), lr=lr)
+    # The device keeps the running statistics itself: ORT 1.19's CPU BatchNorm kernel also
+    # moves the checkpoint values in place during train_step (with the biased variance,
+    # ONNX semantics), so the values written back here are computed from the device's own
+    # copy, never read back from the checkpoint.
+    running = {row[key]: state.parameters[row[key]].data.copy()
+               for row in artifacts.batchnorms for key in ("running_mean", "running_var")}
+    step_loss_rel = step_weight_rel = stats_rel = 0.0
+    loss_rel_max = weight_rel_max = 0.0
+    for step, (x, y) in enumerate(batches):
+        module.train()
+        # Copies: the arrays may alias ORT buffers that the next call reuses.
+        outputs = [np.array(o, copy=True) for o in module(x.numpy(), y.numpy().astype(np.int64))]
+        optimizer.step()
+        module.lazy_reset_grad()
+        ort_loss = float(outputs[0])
+        for row, mean, var in zip(artifacts.batchnorms, outputs[2::2], outputs[3::2]):
+            m = row["momentum"]
+            for key, batch in (("running_mean", mean), ("running_var", var)):
+                running[row[key]] = ((1.0 - m) * running[row[key]] + m * batch).astype(np.float32)
+                state.parameters[row[key]] = running[row[key]]
+
+        reference.train()
+        sink_out = reference(x)
+        loss = F.cross_entropy(sink_out[0], y)
+        sgd.zero_grad()
+        loss.backward()
+        sgd.step()
+        loss_rel = abs(ort_loss - loss.item()) / max(abs(loss.item()), 1e-12)
+        weight_rel = max(_max_rel(state.parameters[n].data, p.detach().numpy())
+                         for n, p in reference.named_parameters())
+        if step == 0:
+            step_loss_rel, step_weight_rel = loss_rel, weight_rel
+            stats_rel = max(_max_rel(o, t.detach().numpy()) for o, t in zip(outputs[2:], sink_out[1:])) \
+                if len(sink_out) > 1 else 0.0
+        loss_rel_max = max(loss_rel_max, loss_rel)
+        weight_rel_max = max(weight_rel_max, weight_rel)
+
+    revived = 0
+    for mask_name in artifacts.masks:
+        weight_name = mask_name[: -len(MASK_SUFFIX)]
+        mask = state.parameters[mask_name].data
+        revived += int(np.count_nonzero(state.parameters[weight_name].data[mask == 0]))
+    running_rel = max((_max_rel(state.parameters[n].data, b.numpy())
+                       for n, b in reference.named_buffers() if "running_" in n), default=0.0)
+    eval_after_abs = float(np.abs(ort_eval(x0) - torch_eval(x0)).max())
+    return {
+        "eval_logits_max_abs": eval_abs,
+        "train_step_loss_rel": step_loss_rel,
+        "train_step_weights_rel": step_weight_rel,
+        "train_step_bn_stats_rel": stats_rel,
+        "steps": steps,
+        "learning_rate": lr,
+        "steps_loss_rel_max": loss_rel_max,
+        "steps_weights_rel_max": weight_rel_max,
+        "steps_running_stats_rel": running_rel,
+        "eval_after_steps_logits_max_abs": eval_after_abs,
+        "masked_nonzero_after_steps": revived,
+    }
