@@ -163,9 +163,9 @@ def profile_model(model: nn.Module, input_shape: tuple[int, ...] = (3, 32, 32)) 
 
     def leaf_hook(module, args, output):
         block = current[0]
-        if not isinstance(output, torch.Tensor) or not args or not isinstance(args[0], torch.Tensor):
+        inp = args[0] if args else None
+        if not isinstance(output, torch.Tensor) or not isinstance(inp, torch.Tensor):
             return
-        inp = args[0]
         if isinstance(module, _STORED_INPUT):
             stored[remember(inp)] = (block, inp[0].numel())
         if isinstance(module, _STORED_OUTPUT):

@@ -133,7 +133,7 @@ def freeze_schedule(block_train_flops: Sequence[float] | None = None,
     best_error = min(abs(plan.reduction - target_reduction) for plan in candidates)
     near = [plan for plan in candidates
             if abs(plan.reduction - target_reduction) <= best_error + NEAR_EQUAL]
-    return max(near, key=lambda plan: (-(epochs if plan.T_frz is None else plan.T_frz),
+    return max(near, key=lambda plan: (epochs if plan.T_frz is None else plan.T_frz,
                                        -abs(plan.reduction - target_reduction)))
 
 

@@ -132,7 +132,7 @@ class DSTAlgorithm:
     def begin_update(self, maskset: MaskSet, model: nn.Module, fraction: float,
                      generator: torch.Generator, optimizer: torch.optim.Optimizer | None,
                      frozen_names: set[str],
-                   dense_grads: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
+                     dense_grads: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
         return {}
 
     def end_update(self, maskset: MaskSet, model: nn.Module, fraction: float,
