@@ -18,12 +18,13 @@ class TrainConfig:
     model: str = "resnet32"
     width: float | None = None            # channel multiplier; None = the model's default
     cifar_stem: bool = True
-    dataset: str = "synthetic"
+    dataset: str = "digits"
     data_dir: str | None = None
     download: bool = False
     input_size: int = 32
     val_fraction: float = 0.1
     synthetic_size: int = 512
+    train_subset: int | None = None        # use only this many training samples (seeded, balanced)
     augment: bool = True
     # optimisation (SGD with momentum, per-block cosine LR)
     epochs: int = 160
@@ -33,9 +34,9 @@ class TrainConfig:
     weight_decay: float = 5e-4
     # SpFDE (paper notation: Δτ = delta_tau)
     delta_tau: int = 5
-    sparsity: float = 0.0
+    sparsity: float = 0.9
     distribution: str = "uniform"
-    dst: str = "static"
+    dst: str = "mest"
     update_fraction: float = 0.3
     freeze_flops: float = 0.0             # target training-FLOPs reduction from freezing
     max_frozen_fraction: float = 2 / 3
@@ -64,7 +65,7 @@ class TrainConfig:
             (self.distribution in ("uniform", "erk"),
              f"--distribution must be uniform or erk, got {self.distribution}"),
             (self.dst == "static" or self.sparsity > 0,
-             f"--dst {self.dst} needs --sparsity > 0 (there is nothing to prune-and-grow in a dense model)"),
+             f"--dst {self.dst} needs --sparsity > 0; for a dense model pass --dst static"),
         ]
         for ok, message in checks:
             if not ok:

@@ -175,6 +175,14 @@ def stratified_split(
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
+def stratified_subset(data: ImageData, count: int, seed: int) -> ImageData:
+    """A seeded, class-balanced subset of ``count`` samples (for short runs and benchmarks)."""
+    if not 0 < count <= len(data):
+        raise DataError(f"--train-subset must be in 1..{len(data)}, got {count}")
+    _, keep = stratified_split(data.labels.numpy(), count / len(data), seed)
+    return ImageData(data.images[keep].clone(), data.labels[keep].clone())
+
+
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Exact per-channel mean and std of uint8 ``N×3×H×W`` images, in [0, 1] units.
 

@@ -119,8 +119,7 @@ def freeze_schedule(block_train_flops: Sequence[float] | None = None,
             freeze_epochs = [t_frz + i * delta_tau for i in range(k)]
             if freeze_epochs[-1] >= epochs:
                 break
-            plan = FreezePlan(freeze_epochs, t_frz)
-            reduction = plan_reduction(cost.__getitem__, plan, epochs)
+            reduction = plan_reduction(cost.__getitem__, FreezePlan(freeze_epochs, t_frz), epochs)
             candidates.append(FreezePlan(freeze_epochs, t_frz, reduction))
 
     reachable = max(plan.reduction for plan in candidates)

@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--val-fraction", type=float,
                       help=f"validation split carved from the training set, fixed seed (default {d.val_fraction})")
     data.add_argument("--synthetic-size", type=int, help=f"samples of --dataset synthetic (default {d.synthetic_size})")
+    data.add_argument("--train-subset", type=int,
+                      help="train on a seeded, class-balanced subset of this many samples (short runs)")
     data.add_argument("--no-augment", dest="augment", action="store_false",
                       help="disable random crop (pad 4) and horizontal flip")
     data.add_argument("--cache-dir", help="where decoded imagefolder arrays are cached (default ~/.cache/spfde_edge)")

@@ -23,7 +23,7 @@ from . import cost
 from .checkpoint import (CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint,
                          write_json, write_jsonl)
 from .config import ConfigError, TrainConfig
-from .data import DatasetSplit, iterate_batches, load_dataset
+from .data import DatasetSplit, iterate_batches, load_dataset, stratified_subset
 from .freezing import Freezer, block_active_epochs, block_lr, freeze_schedule
 from .models import BlockModel, create_model
 from .sieve import DataSieve
@@ -70,6 +70,8 @@ class Trainer:
             config.dataset, data_dir=config.data_dir, download=config.download,
             input_size=config.input_size, val_fraction=config.val_fraction, seed=config.seed,
             synthetic_size=config.synthetic_size, cache_dir=config.cache_dir)
+        if config.train_subset is not None:
+            self.data.train = stratified_subset(self.data.train, config.train_subset, config.seed)
         # Explicit randomness: model init under a forked global RNG, everything else
         # from generators that are saved in the checkpoint.
         with torch.random.fork_rng(devices=[]):

@@ -92,7 +92,7 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys):
     cases = [
         ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "missing"), "--out", str(tmp_path / "a")],
         ["--sparsity", "1.2", "--out", str(tmp_path / "b")],
-        ["--dst", "mest", "--out", str(tmp_path / "c")],
+        ["--sparsity", "0", "--out", str(tmp_path / "c")],
     ]
     for argv in cases:
         assert main(argv) == 2

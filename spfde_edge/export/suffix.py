@@ -4,7 +4,7 @@ Stage k trains blocks ``[k, n)``. The exported graph is that suffix in training 
 two additions, both plain ONNX operators:
 
 * **Masks in the graph.** Every masked weight is used as ``weight * weight_mask``; the mask
-  is a non-trainable checkpoint parameter (``<layer>.weight_mask``, float32, 1 = active).
+  is a non-trainable checkpoint parameter (``<layer>.weight_mask``, uint8, 1 = active).
   The gradient of a masked-out position is therefore exactly zero, so plain SGD never
   moves it: stored weights that start at zero stay exactly zero, and the effective weights
   are exactly sparse whatever the optimizer does. The device changes a mask (prune-and-
@@ -46,14 +46,14 @@ class MaskedConv2d(nn.Conv2d):
     """Conv2d whose effective weight is ``weight * weight_mask`` (a buffer)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.weight * self.weight_mask, self.bias)
+        return self._conv_forward(x, self.weight * self.weight_mask.to(self.weight.dtype), self.bias)
 
 
 class MaskedLinear(nn.Linear):
     """Linear whose effective weight is ``weight * weight_mask`` (a buffer)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight * self.weight_mask, self.bias)
+        return F.linear(x, self.weight * self.weight_mask.to(self.weight.dtype), self.bias)
 
 
 class StatsBatchNorm2d(nn.BatchNorm2d):
@@ -86,7 +86,7 @@ class TrainableSuffix(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)) and f"{name}.weight" in masks:
                 module.__class__ = MaskedConv2d if isinstance(module, nn.Conv2d) else MaskedLinear
-                module.register_buffer("weight_mask", masks[f"{name}.weight"].to(torch.float32).clone())
+                module.register_buffer("weight_mask", masks[f"{name}.weight"].to(torch.uint8).clone())
                 self.mask_names.append(f"{name}.weight{MASK_SUFFIX}")
             elif type(module) is nn.BatchNorm2d:
                 module.__class__ = StatsBatchNorm2d
@@ -265,7 +265,7 @@ def _max_rel(a: np.ndarray, b: np.ndarray) -> float:
 
 def check_suffix(model: BlockModel, masks: dict[str, torch.Tensor], k: int, folder: Path,
                  artifacts: SuffixArtifacts, batch_size: int, feature_shape: list[int],
-                 num_classes: int, steps: int = 10, lr: float = 0.05, seed: int = 0) -> dict:
+                 num_classes: int, steps: int = 10, lr: float = 0.01, seed: int = 0) -> dict:
     """Measure the suffix artifacts against the PyTorch suffix.
 
     * eval model vs PyTorch eval mode on the exported weights (max abs logits diff);

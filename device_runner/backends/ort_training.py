@@ -1,0 +1,146 @@
+"""The sparse suffix on ONNX Runtime on-device training, through ``onnxruntime.capi`` only.
+
+``import onnxruntime.training`` pulls in torch (its optimizer helpers import it), so this
+module uses the pybind classes those wrappers are made of: ``load_checkpoint``, ``Module``,
+``save_checkpoint``. The bundle's ``optimizer_model.onnx`` is plain SGD with one learning
+rate; the runner needs a learning rate per block, momentum and weight decay, so the update
+is done here in numpy, in place on the checkpoint's parameter buffers
+(``Parameter.data.numpy()`` is a view of them), with no copy of the weights.
+
+BatchNorm: ORT training normalises with batch statistics but does not maintain running
+statistics usefully (ORT 1.19's CPU kernel moves the checkpoint values itself, with the
+biased variance; see spfde_edge/export/suffix.py). The training graph returns each
+BatchNorm's batch mean and unbiased variance; the device keeps its own running copy,
+updates it with PyTorch's rule and writes it back after every step.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime.capi._pybind_state as C
+
+from ..bundle import Stage
+from ..errors import BundleError
+
+C.set_default_logger_severity(3)  # ORT warns about benign shape merges on every load
+
+
+def session_options(threads: int) -> "C.SessionOptions":
+    options = C.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # Without the arena, memory a step freed goes back to the allocator, so a smaller batch
+    # really lowers RSS when the runner must shrink it under the memory budget.
+    options.enable_cpu_mem_arena = False
+    options.log_severity_level = 3
+    return options
+
+
+def block_of(name: str) -> int:
+    """Block index of a parameter named ``blocks.<i>.…``."""
+    return int(name.split(".")[1])
+
+
+class SuffixTrainer:
+    """Train/eval steps of one stage's suffix, parameters by name, SGD with momentum in numpy."""
+
+    name = "onnxruntime-training"
+
+    def __init__(self, stage: Stage, threads: int, checkpoint: Path | None = None):
+        self.stage = stage
+        path = checkpoint or stage.checkpoint
+        try:
+            self.state = C.load_checkpoint(os.fspath(path))
+            device = C.OrtDevice(C.OrtDevice.cpu(), C.OrtDevice.default_memory(), 0)
+            self.module = C.Module(os.fspath(stage.training_model), self.state,
+                                   os.fspath(stage.eval_model), device, session_options(threads))
+        except RuntimeError as exc:
+            raise BundleError(f"ONNX Runtime cannot load stage {stage.k} "
+                              f"({path.name}): {str(exc).splitlines()[0][:300]}") from exc
+        self.trainable = [n for n in stage.parameters]
+        self.mask_of = {weight: mask for mask, weight in stage.masks}
+        self.running = {}
+        for row in stage.batchnorms:
+            for key in ("running_mean", "running_var"):
+                self.running[row[key]] = self.get_parameter(row[key])
+        outputs = list(stage.training_outputs)
+        self._stat_index = [(row, outputs.index(row["batch_mean_output"]),
+                             outputs.index(row["batch_var_output"])) for row in stage.batchnorms]
+        self.momentum_buffers: dict[str, np.ndarray] = {}
+
+    # --- parameters ----------------------------------------------------------------------
+    def parameter_names(self) -> list[str]:
+        return list(self.state.parameter_names())
+
+    def _view(self, name: str) -> np.ndarray:
+        return self.state.get_parameter(name).data.numpy()
+
+    def get_parameter(self, name: str) -> np.ndarray:
+        return np.array(self._view(name), copy=True)
+
+    def set_parameter(self, name: str, value: np.ndarray) -> None:
+        current = self._view(name)
+        value = np.asarray(value, dtype=current.dtype)
+        if value.shape != current.shape:
+            raise ValueError(f"{name}: shape {value.shape} != {current.shape}")
+        current[...] = value
+        if name in self.running:
+            self.running[name] = value.copy()
+
+    def gradient(self, name: str) -> np.ndarray | None:
+        grad = self.state.get_parameter(name).grad
+        return np.array(grad.numpy(), copy=True) if grad.has_value() else None
+
+    # --- steps -----------------------------------------------------------------------------
+    def train_step(self, features: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
+        """Forward + backward (gradients stay in ORT); running statistics updated here."""
+        fetches = C.OrtValueVector()
+        self.module.lazy_reset_grad()
+        self.module.train_step([np.ascontiguousarray(features, dtype=np.float32),
+                                np.ascontiguousarray(labels, dtype=np.int64)], fetches)
+        loss = float(fetches[0].numpy())
+        logits = np.array(fetches[1].numpy(), copy=True)
+        for row, mean_at, var_at in self._stat_index:
+            m = float(row["momentum"])
+            for key, at in (("running_mean", mean_at), ("running_var", var_at)):
+                batch = fetches[at].numpy()
+                self.running[row[key]] = ((1.0 - m) * self.running[row[key]] + m * batch).astype(np.float32)
+                self._view(row[key])[...] = self.running[row[key]]
+        return loss, logits
+
+    def sgd_step(self, lr_of_block: dict[int, float], momentum: float, weight_decay: float) -> None:
+        """``v = mu v + g + wd w; w -= lr v`` per parameter, in place; masked positions stay 0."""
+        for name in self.trainable:
+            lr = lr_of_block.get(block_of(name), 0.0)
+            param = self.state.get_parameter(name)
+            if not param.grad.has_value():
+                continue
+            weight = param.data.numpy()
+            step = param.grad.numpy().astype(np.float32, copy=True)
+            if weight_decay and weight.ndim > 1:
+                step += weight_decay * weight
+            if name in self.mask_of:
+                # The graph already zeroes masked gradients; weight decay must not move them either.
+                step *= self._view(self.mask_of[name])
+            if momentum:
+                buffer = self.momentum_buffers.get(name)
+                if buffer is None:
+                    buffer = self.momentum_buffers[name] = np.zeros_like(weight)
+                buffer *= momentum
+                buffer += step
+                step = buffer
+            if lr:
+                weight -= lr * step
+
+    def eval_step(self, features: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
+        fetches = C.OrtValueVector()
+        self.module.eval_step([np.ascontiguousarray(features, dtype=np.float32),
+                               np.ascontiguousarray(labels, dtype=np.int64)], fetches)
+        return float(fetches[0].numpy()), np.array(fetches[1].numpy(), copy=True)
+
+    def save(self, path: Path) -> None:
+        for name, value in self.running.items():
+            self._view(name)[...] = value
+        C.save_checkpoint(self.state, os.fspath(path), False)

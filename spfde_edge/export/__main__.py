@@ -1,0 +1,100 @@
+"""``python -m spfde_edge.export``: parse options into ExportOptions and export (or inspect)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m spfde_edge.export",
+        description="Export a model (trained checkpoint or fresh) as an SpFDE device bundle: per "
+                    "freezing stage, the frozen prefix as ExecuTorch (.pte, XNNPACK) and ONNX "
+                    "inference graphs and the sparse suffix as ONNX Runtime on-device training "
+                    "artifacts, plus manifest.json. Every export checks parity against PyTorch "
+                    "and refuses to write a bundle that fails. Format: docs/bundle.md.",
+        epilog="examples:\n"
+               "  python -m spfde_edge.export --model resnet18\n"
+               "  python -m spfde_edge.export --checkpoint runs/r32-90/checkpoint.pt --out export/r32-90\n"
+               "  python -m spfde_edge.export --model resnet18 --stages 4-6 --batch-size 32 "
+               "--input-size 32 --num-classes 10 --out export/r18\n"
+               "  python -m spfde_edge.export --inspect export/r18",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = p.add_argument_group("what to export (one of)")
+    what.add_argument("--model", help="registered model name (fresh weights), or a check that "
+                                      "--checkpoint holds this model")
+    what.add_argument("--checkpoint", metavar="PATH",
+                      help="checkpoint.pt written by spfde_edge.train (or its run folder)")
+    what.add_argument("--inspect", metavar="BUNDLE",
+                      help="print what a bundle holds (stages, files, sizes, sparsity per layer) "
+                           "after re-verifying every sha256; exports nothing")
+    bundle = p.add_argument_group("bundle")
+    bundle.add_argument("--out", metavar="DIR", help="output folder (default export/<model>); "
+                        "written in a temporary folder and renamed when complete")
+    bundle.add_argument("--stages", metavar="K|A-B",
+                        help="split points to export, stage k = blocks before k frozen (default: "
+                             "from the current frozen point to the last block the freezing "
+                             "schedule freezes)")
+    bundle.add_argument("--batch-size", type=int,
+                        help="device batch: the .pte's fixed batch and the parity batch "
+                             "(default: the run's batch size, 64 for a fresh model)")
+    bundle.add_argument("--input-size", type=int, help="image side in pixels (default: the run's, 32 fresh)")
+    bundle.add_argument("--force", action="store_true",
+                        help="replace an existing bundle of another model in --out")
+    bundle.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17; ORT 1.19 loads <= 21)")
+    bundle.add_argument("--seed", type=int, default=0,
+                        help="seed of a fresh model's weights and masks, and of the parity batches (default 0)")
+    bundle.add_argument("--parity-steps", type=int, default=10,
+                        help="ORT vs PyTorch training steps checked per stage (default 10)")
+    fresh = p.add_argument_group("fresh model only (a checkpoint carries its own)")
+    fresh.add_argument("--num-classes", type=int, help="default 10")
+    fresh.add_argument("--width", type=float, help="channel multiplier (default: the model's)")
+    fresh.add_argument("--imagenet-stem", dest="cifar_stem", action="store_false",
+                       help="ImageNet stem (7x7/2 conv + max-pool) instead of the CIFAR stem")
+    fresh.add_argument("--sparsity", type=float, help="fraction of zero weights, first conv dense (default 0.9)")
+    fresh.add_argument("--distribution", choices=("uniform", "erk"), help="per-layer sparsity (default erk)")
+    fresh.add_argument("--freeze-flops", type=float,
+                       help="training-FLOPs reduction the freezing schedule targets (default 0.3)")
+    fresh.add_argument("--epochs", type=int, help="length of the schedule to continue on device (default 160)")
+    fresh.add_argument("--delta-tau", type=int, help="Δτ in epochs (default 5)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Imports after parsing: --help stays fast and the core import stays light.
+    from spfde_edge.checkpoint import CheckpointError
+    from spfde_edge.config import ConfigError
+    from spfde_edge.freezing import FreezeError
+    from spfde_edge.models import ModelError
+    from spfde_edge.sparsity.masks import SparsityError
+
+    from .bundle import ExportOptions, export_bundle, inspect_bundle
+    from .manifest import BundleError, ParityError
+
+    try:
+        if args.inspect is not None:
+            if args.model or args.checkpoint:
+                raise BundleError("--inspect reads a bundle; drop --model/--checkpoint")
+            print(inspect_bundle(Path(args.inspect)))
+            return 0
+        options = ExportOptions(
+            model=args.model, checkpoint=args.checkpoint, out=args.out, stages=args.stages,
+            batch_size=args.batch_size, input_size=args.input_size, num_classes=args.num_classes,
+            width=args.width, cifar_stem=args.cifar_stem, sparsity=args.sparsity,
+            distribution=args.distribution, freeze_flops=args.freeze_flops, epochs=args.epochs,
+            delta_tau=args.delta_tau, seed=args.seed, force=args.force, opset=args.opset,
+            parity_steps=args.parity_steps)
+        export_bundle(options)
+    except ParityError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (BundleError, CheckpointError, ConfigError, FreezeError, ModelError, SparsityError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
