@@ -45,7 +45,7 @@ class TrainConfig:
     # run
     seed: int = 0
     threads: int | None = None
-    device: str = "cpu"
+    device: str = "auto"
     cache_dir: str | None = None
     extra: dict = field(default_factory=dict)
 

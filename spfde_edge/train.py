@@ -8,6 +8,7 @@ from pathlib import Path
 from .checkpoint import CheckpointError
 from .config import ConfigError, TrainConfig
 from .data import DataError
+from .distributed import shutdown
 from .freezing import FreezeError
 from .models import ModelError, available_models
 from .sieve import SieveError
@@ -32,9 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(default runs/<model>-<dataset>)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue the run saved in RUN_DIR exactly; "
                      "other options must be left out or equal the saved ones")
+    run.add_argument("--stop-after", type=int, metavar="N",
+                     help="stop once N epochs are done (continue later with --resume)")
     run.add_argument("--seed", type=int, help=f"seed for init, masks, data order, sieve (default {d.seed})")
     run.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
-    run.add_argument("--device", help="cpu, cuda, cuda:N or auto (default cpu)")
+    run.add_argument("--device", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N (default auto)")
     model = p.add_argument_group("model")
     model.add_argument("--model", choices=available_models(), help=f"default {d.model}")
     model.add_argument("--width", type=float,
@@ -83,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = vars(build_parser().parse_args(argv))
     resume_dir = args.pop("resume", None)
+    stop_after = args.pop("stop_after", None)
     out = args.pop("out", None)
     try:
         if resume_dir is not None:
@@ -93,13 +97,17 @@ def main(argv: list[str] | None = None) -> int:
             config = TrainConfig(**args).validate()
             out = out or f"runs/{config.model}-{config.dataset}"
             run = trainer_mod.start(config, Path(out))
-        summary = run.run()
+        summary = run.run(stop_after=stop_after)
+        if not run.dist.is_main:
+            return 0
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; the last completed epoch is in the checkpoint (use --resume)", file=sys.stderr)
         return 130
+    finally:
+        shutdown()
     print(f"done: {summary['epochs_done']} epochs, val_acc {summary['val_acc']:.4f}, "
           f"training FLOPs {summary['train_flops']:.3e} ({summary['reduction_vs_sparse']:.1%} below the "
           f"sparse reference, {summary['reduction_vs_dense']:.1%} below dense), "

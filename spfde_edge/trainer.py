@@ -17,6 +17,7 @@ import numpy as np
 import psutil
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import cost
@@ -25,6 +26,8 @@ from .checkpoint import (CHECKPOINT_NAME, CheckpointError, load_checkpoint, save
 from .config import ConfigError, TrainConfig
 from .data import DatasetSplit, iterate_batches, load_dataset, stratified_subset
 from .freezing import Freezer, block_active_epochs, block_lr, freeze_schedule
+from .distributed import (DistContext, all_gather_rows, init_from_env, all_reduce_mean_, all_reduce_sum, barrier,
+                          gather_strings, state_hash)
 from .models import BlockModel, create_model
 from .sieve import DataSieve
 from .sparsity.dst import UpdateSchedule, dense_gradient, get_algorithm
@@ -60,10 +63,12 @@ class EpochResult:
 class Trainer:
     """Holds every stateful piece of a run; ``state_dict`` makes resume exact."""
 
-    def __init__(self, config: TrainConfig, out: Path, data: DatasetSplit | None = None):
+    def __init__(self, config: TrainConfig, out: Path, data: DatasetSplit | None = None,
+                 dist_ctx: DistContext | None = None, device: torch.device | None = None):
         self.config = config.validate()
         self.out = Path(out)
-        self.device = resolve_device(config.device)
+        self.dist = dist_ctx or DistContext()
+        self.device = device or resolve_device(config.device)
         if config.threads:
             torch.set_num_threads(config.threads)
         self.data = data if data is not None else load_dataset(
@@ -78,14 +83,14 @@ class Trainer:
             torch.manual_seed(config.seed)
             self.model: BlockModel = create_model(config.model, num_classes=self.data.num_classes,
                                                   width=config.width, cifar_stem=config.cifar_stem)
-        self.model.to(self.device)
+        # Every rank draws the same streams: data order, masks and growth stay in lockstep.
         self.data_generator = torch.Generator().manual_seed(config.seed + 1)
         self.mask_generator = torch.Generator().manual_seed(config.seed + 2)
-        self.dropout_rng_state = torch.Generator().manual_seed(config.seed + 3).get_state()
 
         size = self.data.input_size
         self.profile = cost.profile_model(self.model, (3, size, size))
         self.masks = MaskSet.random(self.model, config.sparsity, config.distribution, self.mask_generator)
+        self.model.to(self.device)
         self.masks.apply(self.model)
         self.masks.attach(self.model)
         self.target_densities = self.masks.layer_density()  # exact per-layer targets
@@ -102,6 +107,7 @@ class Trainer:
         self.dst = get_algorithm(config.dst)
         self.optimizer = torch.optim.SGD(self._param_groups(0), lr=config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay)
+        self.ddp_model = self._wrap()
         self.criterion = nn.CrossEntropyLoss()
         self.epoch = 0
         self.history: list[dict] = []
@@ -124,6 +130,15 @@ class Trainer:
                 groups.append({"params": params, "block": index})
         return groups
 
+    def _wrap(self) -> nn.Module:
+        """DistributedDataParallel over the trainable blocks only. Re-wrapped at every
+        freezing step, so frozen parameters leave gradient synchronisation and no rank
+        waits for gradients that will never come."""
+        if not self.dist.enabled:
+            return self.model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(self.model, device_ids=ids)
+
     def _freeze_block(self, block_index: int) -> None:
         """Freeze blocks up to ``block_index``: they leave the optimizer with their state."""
         num_frozen = block_index + 1
@@ -134,6 +149,7 @@ class Trainer:
                 for p in group["params"]:
                     self.optimizer.state.pop(p, None)
         self.optimizer.param_groups = keep
+        self.ddp_model = self._wrap()
 
     def _set_lrs(self, epoch_float: float) -> dict[int, float]:
         lrs = {}
@@ -152,8 +168,16 @@ class Trainer:
                                             self.config.batch_size, self.data_generator,
                                             self.config.augment, self.data.mean, self.data.std)))
         self.model.train()
-        x, y = x.to(self.device), y.to(self.device)
-        return dense_gradient(self.model, self.masks, lambda: self.criterion(self.model(x), y))
+        x, y = self._shard(x), self._shard(y)
+        grads = dense_gradient(self.model, self.masks, lambda: self.criterion(self.model(x), y))
+        all_reduce_mean_(list(grads.values()), self.dist)
+        return grads
+
+    def _shard(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous part of a global batch (the whole batch on one process)."""
+        if self.dist.enabled:
+            tensor = torch.tensor_split(tensor, self.dist.world_size)[self.dist.rank]
+        return tensor.to(self.device, non_blocking=True)
 
     def _dst_args(self, epoch: int, dense_grads) -> dict:
         return dict(maskset=self.masks, model=self.model, fraction=self.dst_schedule.fraction(epoch),
@@ -169,11 +193,13 @@ class Trainer:
         steps = math.ceil(len(indices) / config.batch_size)
         loss_sum, correct_sum, seen = 0.0, 0, 0
         bar = tqdm(batches, total=steps, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-                   dynamic_ncols=True, mininterval=1.0)
+                   dynamic_ncols=True, mininterval=1.0, disable=not self.dist.is_main)
         for step, (x, y, idx) in enumerate(bar):
+            if len(idx) < self.dist.world_size:
+                continue  # a last global batch too small to give every rank a sample
             self._set_lrs(epoch + step / steps)
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            logits = self.model(x)
+            x, y = self._shard(x), self._shard(y)
+            logits = self.ddp_model(x)
             loss = self.criterion(logits, y)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1} step {step}; "
@@ -183,13 +209,16 @@ class Trainer:
             self.optimizer.step()
             self.masks.apply(self.model)
             correct = (logits.detach().argmax(1) == y)
-            self.sieve.record(idx.numpy(), correct.cpu().numpy())
+            # Every rank records the whole global batch, so sieve states stay identical.
+            all_correct = all_gather_rows(correct.to(torch.uint8), self.dist).cpu().numpy().astype(bool)
+            self.sieve.record(idx.numpy(), all_correct)
             loss_sum += loss.item() * len(y)
             correct_sum += int(correct.sum())
             seen += len(y)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct_sum / seen:.3f}", refresh=False)
         bar.close()
-        return EpochResult(loss_sum / max(seen, 1), correct_sum / max(seen, 1), seen, steps)
+        loss_sum, correct_sum, seen = all_reduce_sum([loss_sum, correct_sum, seen], self.dist, self.device)
+        return EpochResult(loss_sum / max(seen, 1), correct_sum / max(seen, 1), int(seen), steps)
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
@@ -197,7 +226,7 @@ class Trainer:
         if len(self.data.val) == 0:
             return float("nan"), float("nan")
         self.model.eval()
-        indices = np.arange(len(self.data.val))
+        indices = np.arange(self.dist.rank, len(self.data.val), self.dist.world_size)
         loss_sum, correct = 0.0, 0
         for x, y, _ in iterate_batches(self.data.val, indices, max(self.config.batch_size, 256), None,
                                        False, self.data.mean, self.data.std):
@@ -205,7 +234,8 @@ class Trainer:
             logits = self.model(x)
             loss_sum += self.criterion(logits, y).item() * len(y)
             correct += int((logits.argmax(1) == y).sum())
-        return correct / len(indices), loss_sum / len(indices)
+        correct, loss_sum = all_reduce_sum([correct, loss_sum], self.dist, self.device)
+        return correct / len(self.data.val), loss_sum / len(self.data.val)
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self, stop_after: int | None = None) -> dict:
@@ -240,12 +270,15 @@ class Trainer:
             self.epoch += 1
             self.save()
             record = self.history[-1]
-            print(f"epoch {epoch + 1:>4}/{config.epochs}  loss {record['loss']:.4f}  "
+            if self.dist.is_main:
+                print(f"epoch {epoch + 1:>4}/{config.epochs}  loss {record['loss']:.4f}  "
                   f"train {record['train_acc']:.3f}  val {val_acc:.3f}  frozen {record['frozen_blocks']}"
                   f"  samples {record['samples']}  sparsity {record['sparsity']:.3f}  "
                   f"GFLOPs {record['train_flops'] / 1e9:.2f}  {wall_s:.1f}s", flush=True)
         summary = self.summary()
-        write_json(self.out / SUMMARY_NAME, summary)
+        if self.dist.is_main:
+            write_json(self.out / SUMMARY_NAME, summary)
+        barrier(self.dist)
         return summary
 
     def _epoch_record(self, epoch, result: EpochResult, val_acc, val_loss, wall_s, densities,
@@ -296,7 +329,10 @@ class Trainer:
             "reduction_vs_sparse": 1 - t["train_flops"] / t["sparse_reference_flops"] if t["sparse_reference_flops"] else 0.0,
             "freeze_reduction": 1 - t["train_flops"] / t["no_freeze_flops"] if t["no_freeze_flops"] else 0.0,
             "freeze_plan": self.freezer.state_dict(),
+            "forward_flops": sum(r["forward_flops"] for r in self.history),
+            "backward_flops": sum(r["backward_flops"] for r in self.history),
             "samples_used": int(sum(r["samples"] for r in self.history)),
+            "sieve_reduction": 1 - sum(r["samples"] for r in self.history) / (len(self.data.train) * max(self.epoch, 1)),
             "every_sample_used": bool(self.sieve.ever_used.all()),
             "memory_model_mb": {"average": float(np.mean(memories)) if memories else None,
                                 "minimum": float(np.min(memories)) if memories else None},
@@ -336,6 +372,7 @@ class Trainer:
                                          momentum=self.config.momentum,
                                          weight_decay=self.config.weight_decay)
         self.optimizer.load_state_dict(state["optimizer"])
+        self.ddp_model = self._wrap()
         self.sieve.load_state_dict(state["sieve"])
         self.data_generator.set_state(state["data_generator"])
         self.mask_generator.set_state(state["mask_generator"])
@@ -344,12 +381,34 @@ class Trainer:
         self.history = list(state["history"])
         self.totals = dict(state["totals"])
 
+    def lockstep_hash(self) -> str:
+        """Digest of the state every rank must agree on: masks and the sieve's sets."""
+        tensors = [self.masks.masks[name] for name in sorted(self.masks.masks)]
+        tensors += [torch.from_numpy(np.ascontiguousarray(self.sieve.active_indices)),
+                    torch.from_numpy(np.ascontiguousarray(self.sieve.removed_queue))]
+        return state_hash(tensors)
+
     def save(self) -> None:
-        """Checkpoint first, then metrics rewritten from the checkpoint's own history, so a
-        kill at any moment leaves exactly one metrics line per completed epoch after resume."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(self.out / CHECKPOINT_NAME, self.state_dict())
-        write_jsonl(self.out / METRICS_NAME, self.history)
+        """Checkpoint first (rank 0 only), then metrics rewritten from the checkpoint's own
+        history, so a kill at any moment leaves exactly one metrics line per completed epoch
+        after resume. Under DDP the ranks first prove they hold the same masks and sieve."""
+        hashes = gather_strings(self.lockstep_hash(), self.dist)
+        if len(set(hashes)) != 1:
+            raise RuntimeError(f"ranks disagree on masks/sieve state after epoch {self.epoch}: {hashes}")
+        if self.dist.enabled:
+            self.history[-1]["rank_state_hashes"] = hashes
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(self.out / CHECKPOINT_NAME, self.state_dict())
+            write_jsonl(self.out / METRICS_NAME, self.history)
+        barrier(self.dist)
+
+
+RESUME_MAY_CHANGE = {"device", "threads"}  # where a run executes, not what it computes
+
+
+def _distributed(config: TrainConfig) -> tuple[DistContext, torch.device]:
+    return init_from_env(resolve_device(config.device))
 
 
 def start(config: TrainConfig, out: Path) -> Trainer:
@@ -358,21 +417,26 @@ def start(config: TrainConfig, out: Path) -> Trainer:
     if (out / CHECKPOINT_NAME).exists():
         raise CheckpointError(f"{out} already holds a run; continue it with --resume {out} "
                               "or choose another --out")
-    trainer = Trainer(config, out)
+    ctx, device = _distributed(config.validate())
+    trainer = Trainer(config, out, dist_ctx=ctx, device=device)
     torch.manual_seed(config.seed + 3)  # dropout (mobilenet_v2) draws from the global RNG
     return trainer
 
 
 def resume(out: Path, overrides: dict | None = None) -> Trainer:
-    """Continue the run saved in ``out`` exactly where its last checkpoint left it."""
+    """Continue the run saved in ``out`` exactly where its last checkpoint left it, with any
+    number of processes (the saved state does not depend on the world size)."""
     state = load_checkpoint(out)
     config = TrainConfig.from_dict(state["config"])
     for key, value in (overrides or {}).items():
-        if getattr(config, key) != value:
+        if key in RESUME_MAY_CHANGE:
+            config = config.replace(**{key: value})
+        elif getattr(config, key) != value:
             raise ConfigError(f"--{key.replace('_', '-')} {value} differs from the run in {out} "
                               f"({getattr(config, key)}); drop it or start a new run")
-    trainer = Trainer(config, Path(out))
+    ctx, device = _distributed(config)
+    trainer = Trainer(config, Path(out), dist_ctx=ctx, device=device)
     trainer.load_state_dict(state)
-    if trainer.epoch >= config.epochs:
+    if trainer.epoch >= config.epochs and ctx.is_main:
         print(f"{out} already finished {trainer.epoch} epochs; nothing to do")
     return trainer

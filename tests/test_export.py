@@ -307,7 +307,8 @@ def test_prune_and_grow_by_editing_checkpoint_state(bundle):
     stage = manifest["stages"][0]
     state, module, optimizer = _ort(root, stage)
     optimizer.set_learning_rate(0.1)
-    entry = stage["suffix"]["masks"][-1]  # the head: every logit sees its gradient
+    entry = [e for e in stage["suffix"]["masks"]  # the last layer with pruned and active weights
+             if 0 < state.parameters[e["name"]].data.mean() < 1][-1]
     mask = state.parameters[entry["name"]].data.copy()
     weight = state.parameters[entry["weight"]].data.copy()
     grow = tuple(np.argwhere(mask == 0)[0])

@@ -14,7 +14,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
+
+from ._ort import onnxruntime
 
 from ..errors import BundleError
 
@@ -81,7 +82,9 @@ class OrtBridge:
             full = Path(tmp) / "eval.onnx"
             onnx.save(model, os.fspath(full))
             cut = Path(tmp) / "bridge.onnx"
-            inputs = [i.name for i in graph.input if i.name != "labels"]
+            inputs = [features_input] + [
+                i.name for i in graph.input if i.name.startswith("blocks.")
+                and k_from <= int(i.name.split(".")[1]) < k_to]
             onnx.utils.extract_model(os.fspath(full), os.fspath(cut), inputs, [output])
             sliced = onnx.load(os.fspath(cut))
             self.session = onnxruntime.InferenceSession(sliced.SerializeToString(), inference_options(threads),

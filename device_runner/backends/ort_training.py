@@ -19,11 +19,13 @@ import os
 from pathlib import Path
 
 import numpy as np
-import onnxruntime.capi._pybind_state as C
+
+from ._ort import onnxruntime
 
 from ..bundle import Stage
 from ..errors import BundleError
 
+C = onnxruntime.capi._pybind_state
 C.set_default_logger_severity(3)  # ORT warns about benign shape merges on every load
 
 

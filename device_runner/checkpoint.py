@@ -1,0 +1,110 @@
+"""Atomic checkpoints of a run folder, safe against ``kill -9`` and power loss at any moment.
+
+Layout::
+
+    out/checkpoint.json           pointer to the newest complete checkpoint (replaced atomically)
+    out/checkpoints/ckpt-000012/  ort_checkpoint (the suffix's ORT training state),
+                                  state.npz (sieve, momentum, frozen blocks, epoch order),
+                                  state.json (progress, config, history, profiles, RNG)
+
+A checkpoint is written into a temporary folder, every file fsynced, the folder renamed
+into place, then the pointer replaced with a fsynced rename. A crash before the pointer
+moves leaves the previous checkpoint in charge; older folders are removed afterwards.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import RunError
+
+STATE_VERSION = 1
+POINTER = "checkpoint.json"
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        _fsync_file(path)
+    except OSError:  # some filesystems refuse directory fsync
+        pass
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _serial(out: Path) -> int:
+    pointer = out / POINTER
+    if pointer.is_file():
+        try:
+            return int(json.loads(pointer.read_text())["serial"])
+        except (ValueError, KeyError, json.JSONDecodeError):
+            return 0
+    return 0
+
+
+def write(out: Path, meta: dict, arrays: dict[str, np.ndarray], save_ort) -> Path:
+    folder = out / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    serial = _serial(out) + 1
+    tmp = Path(tempfile.mkdtemp(prefix=".ckpt-", suffix=".tmp", dir=folder))
+    save_ort(tmp / "ort_checkpoint")
+    np.savez(tmp / "state.npz", **arrays)
+    (tmp / "state.json").write_text(json.dumps(meta))
+    for name in ("ort_checkpoint", "state.npz", "state.json"):
+        _fsync_file(tmp / name)
+    final = folder / f"ckpt-{serial:06d}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(folder)
+    atomic_write_text(out / POINTER, json.dumps({"serial": serial, "folder": str(final.relative_to(out)),
+                                                  "epoch": meta["epoch"], "position": meta["position"]}))
+    for old in folder.iterdir():
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read(out: Path) -> tuple[dict, dict[str, np.ndarray], Path]:
+    pointer = Path(out) / POINTER
+    if not pointer.is_file():
+        raise RunError(f"{out} holds no device_runner checkpoint ({POINTER} missing); start a run "
+                       "with --bundle/--profile/--data/--out instead of --resume")
+    try:
+        folder = Path(out) / json.loads(pointer.read_text())["folder"]
+        meta = json.loads((folder / "state.json").read_text())
+        with np.load(folder / "state.npz", allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError, KeyError) as exc:
+        raise RunError(f"checkpoint of {out} is unreadable ({exc}); the run cannot be resumed") from exc
+    if meta.get("version") != STATE_VERSION:
+        raise RunError(f"checkpoint of {out} has state version {meta.get('version')}, this "
+                       f"device_runner reads {STATE_VERSION}; resume with the version that wrote it")
+    return meta, arrays, folder / "ort_checkpoint"
+
+
+def write_metrics(out: Path, history: list[dict], stages: list[dict]) -> None:
+    """metrics.jsonl, rewritten from the checkpoint's history: one line per epoch, then stages."""
+    lines = [json.dumps({"type": "epoch", **h}) for h in history]
+    lines += [json.dumps({"type": "stage", **s}) for s in stages]
+    atomic_write_text(Path(out) / "metrics.jsonl", "\n".join(lines) + ("\n" if lines else ""))
