@@ -83,7 +83,7 @@ def freeze_schedule(block_train_flops: Sequence[float] | None = None,
                     epochs: int, delta_tau: int, target_reduction: float,
                     max_frozen_fraction: float = 2 / 3,
                     flops_fn: Callable[[int], float] | None = None,
-                    num_blocks: int | None = None) -> FreezePlan:
+                    num_blocks: int | None = None, strict: bool = True) -> FreezePlan:
     """The freezing plan whose FLOPs reduction is closest to ``target_reduction``.
 
     Give either per-block costs (``block_train_flops``, ``block_forward_flops``; slightly
@@ -94,7 +94,9 @@ def freeze_schedule(block_train_flops: Sequence[float] | None = None,
     frozen blocks k, with all ``e_i < epochs``, k at most ``floor(max_frozen_fraction *
     num_blocks)``, and the last (head) block never frozen. Among plans within
     ``NEAR_EQUAL`` of the best, the one with the latest ``T_frz`` wins (the empty plan
-    counts as freezing never). Raises :class:`FreezeError` when the target is out of reach.
+    counts as freezing never). Raises :class:`FreezeError` when the target is out of reach,
+    unless ``strict`` is false: then the plan with the largest reduction is returned (the
+    caller reports the shortfall; a 3-epoch smoke run should still freeze what it can).
     """
     if flops_fn is None:
         if block_train_flops is None or block_forward_flops is None:
@@ -123,6 +125,8 @@ def freeze_schedule(block_train_flops: Sequence[float] | None = None,
             candidates.append(FreezePlan(freeze_epochs, t_frz, reduction))
 
     reachable = max(plan.reduction for plan in candidates)
+    if not strict and target_reduction > reachable + NEAR_EQUAL:
+        return max(candidates, key=lambda plan: plan.reduction)
     if target_reduction > reachable + NEAR_EQUAL:
         raise FreezeError(
             f"target FLOPs reduction {target_reduction:.1%} is out of reach: at most "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import resource
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,7 +99,12 @@ class Trainer:
         plan = freeze_schedule(flops_fn=self._train_flops_with_frozen, epochs=config.epochs,
                                delta_tau=config.delta_tau, target_reduction=config.freeze_flops,
                                max_frozen_fraction=config.max_frozen_fraction,
-                               num_blocks=self.num_blocks)
+                               num_blocks=self.num_blocks, strict=False)
+        if plan.reduction < config.freeze_flops - 0.005 and self.dist.is_main:
+            print(f"warning: --freeze-flops {config.freeze_flops:.0%} is out of reach in {config.epochs} "
+                  f"epochs with --delta-tau {config.delta_tau}; freezing as much as allowed "
+                  f"({plan.reduction:.1%}). Train longer or use a smaller --delta-tau to reach it.",
+                  file=sys.stderr)
         self.freezer = Freezer(plan)
         self.active_epochs = block_active_epochs(plan, self.num_blocks, config.epochs)
         self.sieve = DataSieve(len(self.data.train), config.sieve, np.random.default_rng(config.seed + 4),
@@ -328,6 +334,7 @@ class Trainer:
             "reduction_vs_dense": 1 - t["train_flops"] / t["dense_reference_flops"] if t["dense_reference_flops"] else 0.0,
             "reduction_vs_sparse": 1 - t["train_flops"] / t["sparse_reference_flops"] if t["sparse_reference_flops"] else 0.0,
             "freeze_reduction": 1 - t["train_flops"] / t["no_freeze_flops"] if t["no_freeze_flops"] else 0.0,
+            "freeze_target": self.config.freeze_flops,
             "freeze_plan": self.freezer.state_dict(),
             "forward_flops": sum(r["forward_flops"] for r in self.history),
             "backward_flops": sum(r["backward_flops"] for r in self.history),
@@ -345,6 +352,7 @@ class Trainer:
         return {
             "config": self.config.to_dict(), "epoch": self.epoch, "model": self.model.state_dict(),
             "masks": self.masks.state_dict(), "num_frozen": self.model.num_frozen,
+            "freeze_target": self.config.freeze_flops,
             "freeze_plan": self.freezer.state_dict(), "sieve": self.sieve.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "optimizer_blocks": [g["block"] for g in self.optimizer.param_groups],

@@ -141,3 +141,15 @@ def test_kill_9_and_resume_leaves_exactly_one_line_per_epoch(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert [r["epoch"] for r in read_metrics(out)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_unreachable_freezing_target_warns_and_freezes_what_it_can(tmp_path, capsys):
+    out = tmp_path / "short"
+    argv = ["--model", "resnet32", "--width", "0.25", "--dataset", "synthetic", "--synthetic-size", "64",
+            "--input-size", "16", "--epochs", "3", "--batch-size", "32", "--delta-tau", "1",
+            "--freeze-flops", "0.5", "--out", str(out)]
+    assert main(argv) == 0
+    assert "out of reach" in capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["freeze_plan"]["freeze_epochs"] == [1, 2]
+    assert 0 < summary["freeze_reduction"] < 0.5
