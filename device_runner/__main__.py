@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--energy-budget-j", type=float, help="override budgets.energy_j (also on --resume)")
     p.add_argument("--cache", choices=("memory", "disk", "none"), help="override cache.location")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: the profile's)")
+    p.add_argument("--threads", type=int, help="override budgets.threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the final report (or plan) as JSON")
     return p
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                                val_fraction=args.val_fraction, sieve=args.sieve, delta_tau=args.delta_tau,
                                freeze_at=freeze_at, max_per_class=args.max_per_class,
                                memory_budget_mb=args.memory_budget_mb, energy_budget_j=args.energy_budget_j,
-                               cache=args.cache, checkpoint_every=args.checkpoint_every, seed=args.seed)
+                               cache=args.cache, checkpoint_every=args.checkpoint_every,
+                               threads=args.threads, seed=args.seed)
             if args.dry_run:
                 plan = dry_run(config)
                 if args.json:

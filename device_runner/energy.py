@@ -12,7 +12,7 @@ Sources, tried in this order when the profile says ``sensor: auto``:
 * otherwise an **estimate**: ``idle_w + (busy_w - idle_w) × utilisation``, utilisation being
   this process's CPU time over wall time and the board's cores.
 
-Readings are integrated at most every ``min_interval_s`` when :meth:`EnergyMeter.update` is
+Readings (at most every 0.5 s for vcgencmd) are integrated when :meth:`EnergyMeter.update` is
 called (after every step).
 """
 from __future__ import annotations
@@ -133,10 +133,9 @@ class EnergyMeter:
     """Cumulative joules since start (plus ``offset_j`` carried over by a resumed run)."""
 
     def __init__(self, sensor: str, idle_w: float, busy_w: float, cores: int,
-                 offset_j: float = 0.0, min_interval_s: float = 0.5):
+                 offset_j: float = 0.0):
         self.idle_w, self.busy_w, self.cores = idle_w, busy_w, max(1, cores)
         self.joules = float(offset_j)
-        self.min_interval_s = min_interval_s
         self._power = self._counter = None
         found = None
         order = {"auto": ("ina3221", "rpi5-pmic", "rapl"), "none": ()}.get(sensor, (sensor,))
@@ -150,6 +149,8 @@ class EnergyMeter:
                 else:
                     self._power = found[0]
                 break
+        # Reading a sysfs file or CPU times is cheap; vcgencmd forks a process.
+        self.min_interval_s = 0.5 if self._power is not None and "pmic" in found[1] else 0.0 if not found else 0.05
         if found:
             self.source, self.measured = found[1], True
         else:

@@ -59,6 +59,7 @@ class RunConfig:
     energy_budget_j: float | None = None
     cache: str | None = None             # memory | disk | none (default: the profile's)
     checkpoint_every: int | None = None  # steps (default: the profile's)
+    threads: int | None = None           # default: the profile's
     seed: int = 0
 
     def profile_overrides(self) -> dict:
@@ -69,6 +70,8 @@ class RunConfig:
             overrides["budgets.energy_j"] = self.energy_budget_j
         if self.cache is not None:
             overrides["cache.location"] = self.cache
+        if self.threads is not None:
+            overrides["budgets.threads"] = self.threads
         return overrides
 
     def to_dict(self) -> dict:

@@ -231,9 +231,10 @@ def test_one_ort_training_step_matches_one_pytorch_sgd_step(bundle):
     module.train()
     ort_loss = float(module(x.numpy(), y.numpy())[0])
     optimizer.step()
-    reference = TrainableSuffix(source.model, stage["stage"], source.masks).train()
+    # float64 reference: PyTorch's float32 BatchNorm-bias gradients are the less exact side
+    reference = TrainableSuffix(source.model, stage["stage"], source.masks).double().train()
     sgd = torch.optim.SGD(reference.parameters(), lr=0.05)
-    loss = F.cross_entropy(reference(x)[0], y)
+    loss = F.cross_entropy(reference(x.double())[0], y)
     loss.backward()
     sgd.step()
     assert abs(ort_loss - loss.item()) <= TOL * abs(loss.item())
@@ -283,11 +284,11 @@ def test_bn_running_statistics_follow_pytorch(bundle):
     source = _source(options)
     stage = manifest["stages"][0]
     state, module, batches = _suffix_steps(root, stage, steps=5)
-    reference = TrainableSuffix(source.model, stage["stage"], source.masks).train()
+    reference = TrainableSuffix(source.model, stage["stage"], source.masks).double().train()
     sgd = torch.optim.SGD(reference.parameters(), lr=0.01)
     for x, y in batches:
         sgd.zero_grad()
-        F.cross_entropy(reference(x)[0], y).backward()
+        F.cross_entropy(reference(x.double())[0], y).backward()
         sgd.step()
     for name, buffer in reference.named_buffers():
         if "running_" in name:
@@ -296,7 +297,7 @@ def test_bn_running_statistics_follow_pytorch(bundle):
     module.eval()
     logits = module(x.numpy(), y.numpy())[1]
     with torch.no_grad():
-        expected = reference.eval()(x)[0].numpy()
+        expected = reference.eval()(x.double())[0].numpy()
     assert np.abs(logits - expected).max() <= TOL
     changed = max(np.abs(state.parameters[r["running_var"]].data - 1).max() for r in stage["suffix"]["batchnorms"])
     assert changed > 0
@@ -400,7 +401,7 @@ def test_force_replaces_and_failures_leave_nothing_behind(bundle, tmp_path, monk
     out = tmp_path / "taken"
     shutil.copytree(root, out)
     options = ExportOptions(model="resnet18", width=0.125, input_size=SIZE, batch_size=4,
-                            stages="9", sparsity=0.5, out=str(out), force=True, parity_steps=2)
+                            stages="0", sparsity=0.5, out=str(out), force=True, parity_steps=2)
 
     def broken(*args, **kwargs):
         raise bundle_mod.ParityError("simulated parity failure")
@@ -411,7 +412,7 @@ def test_force_replaces_and_failures_leave_nothing_behind(bundle, tmp_path, monk
     assert json.loads((out / "manifest.json").read_text())["model"]["name"] == "resnet32"
     assert list(tmp_path.iterdir()) == [out]  # no temporary folder left
     monkeypatch.undo()
-    export_bundle(options, log=_quiet)  # stage 9 = head only: no prefix, quick
+    export_bundle(options, log=_quiet)  # stage 0: no prefix to lower, quick
     replaced = json.loads((out / "manifest.json").read_text())
     assert replaced["model"]["name"] == "resnet18" and replaced["stages"][0]["prefix"] is None
     assert list(tmp_path.iterdir()) == [out]

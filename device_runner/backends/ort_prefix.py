@@ -94,7 +94,7 @@ class OrtBridge:
         if missing:
             raise BundleError(f"bridge of blocks {k_from}..{k_to - 1} needs {missing[:3]} which the "
                               "device state lacks")
-        self.feeds = {n: np.ascontiguousarray(parameters[n], dtype=np.float32) for n in needed}
+        self.feeds = {n: np.ascontiguousarray(parameters[n]) for n in needed}
         self.features_input = features_input
         self.k_from, self.k_to = k_from, k_to
 

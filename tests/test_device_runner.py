@@ -1,0 +1,380 @@
+"""device_runner on a small real bundle: torch-free runs, budgets, stages, DST, resume, errors.
+
+One session-scoped bundle (resnet32 at width 0.25, 16x16 input, stages 14-16) is exported
+with the exporter's Python API. Its ExecuTorch lowering is replaced by a stub file: it takes
+40-90 s per stage on two cores and the runner uses ONNX Runtime for the prefix here anyway
+(profile ``prefix_backend: auto`` without a torch-free ExecuTorch). Everything else in the
+bundle, the manifest and its sha256 table, is the exporter's real output.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+STAGES = (14, 15, 16)
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(tmp_path_factory) -> Path:
+    import spfde_edge.export.prefix as prefix_io
+    from spfde_edge.export.bundle import ExportOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("bundle") / "r32"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(prefix_io, "export_prefix_pte", lambda prefix, example, path: path.write_bytes(b"stub"))
+        patch.setattr(prefix_io, "run_pte",
+                      lambda path, x: prefix_io.run_onnx(path.with_name(prefix_io.ONNX_FILE), x.numpy()))
+        export_bundle(ExportOptions(model="resnet32", width=0.25, input_size=16, stages="14-16",
+                                    batch_size=16, epochs=30, delta_tau=2, out=str(out), parity_steps=2),
+                      log=lambda line: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def image_dir(tmp_path_factory) -> Path:
+    """10 classes x 12 learnable 16x16 PNGs (a bright quadrant/stripe per class) + 1 corrupt file."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for label in range(10):
+        folder = root / str(label)
+        folder.mkdir()
+        for i in range(12):
+            image = rng.integers(0, 60, (16, 16, 3)).astype(np.uint8)
+            image[(label % 4) * 4:(label % 4) * 4 + 4, :, label % 3] = 250
+            image[:, (label // 4) * 5:(label // 4) * 5 + 3, :] = 200
+            Image.fromarray(image).save(folder / f"{i:03d}.png")
+    (root / "3" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def torch_blocker(tmp_path_factory) -> Path:
+    """A folder that makes ``import torch``/``torchvision``/``spfde_edge`` fail, logging each try."""
+    folder = tmp_path_factory.mktemp("blocker")
+    body = ("import os\n"
+            "with open(os.environ['IMPORT_LOG'], 'a') as log:\n"
+            "    log.write(__name__ + '\\n')\n"
+            "raise ImportError(__name__ + ' is blocked in this test')\n")
+    (folder / "torch.py").write_text(body)
+    (folder / "torchvision.py").write_text(body)
+    (folder / "spfde_edge").mkdir()
+    (folder / "spfde_edge" / "__init__.py").write_text(body)
+    return folder
+
+
+def run_cli(args: list[str], blocker: Path | None = None, log: Path | None = None,
+            timeout: float = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    path = [str(REPO)] if blocker is None else [str(blocker), str(REPO)]
+    if args and args[0] != "report" and "--resume" not in args:
+        args = [*args, "--threads", "2"]
+    env["PYTHONPATH"] = os.pathsep.join(path)
+    if log is not None:
+        env["IMPORT_LOG"] = str(log)
+    return subprocess.run([sys.executable, "-m", "device_runner", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=REPO)
+
+
+def config(bundle_dir, out, **overrides):
+    from device_runner.loop import RunConfig
+
+    base = dict(bundle=str(bundle_dir), profile="generic-x86", data="digits", out=str(out), epochs=3,
+                max_per_class=20, freeze_at=(1, 2), lr=0.05, seed=0, threads=2)
+    base.update(overrides)
+    return RunConfig(**base)
+
+
+def quiet(line):
+    pass
+
+
+# --- torch-free, end to end ------------------------------------------------------------------
+
+def test_runs_end_to_end_where_torch_cannot_be_imported(bundle_dir, image_dir, torch_blocker, tmp_path):
+    log = tmp_path / "imports.log"
+    out = tmp_path / "run"
+    result = run_cli(["--bundle", str(bundle_dir), "--profile", "generic-x86",
+                      "--data", f"imagefolder:{image_dir}", "--epochs", "3", "--freeze-at", "1,2",
+                      "--out", str(out)], torch_blocker, log)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not log.exists(), f"device_runner tried to import {log.read_text()}"
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "finished"
+    assert [s["stage"] for s in report["stages"]] == list(STAGES)
+    assert report["backends"]["prefix"].startswith("onnxruntime")
+    assert "onnxruntime-training" in report["backends"]["suffix"]
+    assert report["data"]["skipped_unreadable"] == 1
+    assert report["data"]["skipped_examples"] == ["3/broken.png"]
+    for stage in report["stages"]:
+        assert stage["latency_ms"]["train"]["p50"] > 0 and stage["peak_rss_mb"] > 0
+        assert stage["energy_per_sample_mj"] > 0 and stage["samples_per_s"] > 0
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in lines if l["type"] == "epoch"] == [1, 2, 3]
+    assert "per-stage latency" in result.stdout
+    html = run_cli(["report", str(out), "--html"])
+    assert html.returncode == 0, html.stderr
+    assert "data:image/png;base64" in (out / "report.html").read_text()
+
+
+# --- SpFDE on the device ----------------------------------------------------------------------
+
+def test_stage_transition_keeps_weights_and_function(bundle_dir, tmp_path):
+    from device_runner.loop import start
+
+    runner = start(config(bundle_dir, tmp_path / "run", epochs=2, freeze_at=(1, 2)), log=quiet)
+    runner.order = runner.train_idx[runner.rng.permutation(runner.sieve.active_indices)]
+    runner._train_epoch(None)
+    before_params = {n: runner.trainer.get_parameter(n) for n in runner.trainer.parameter_names()}
+    before_eval = runner.evaluate()
+    old_logits = runner.trainer.eval_step(*_val_batch(runner))[1]
+    runner._enter_stage(1)
+    assert runner.stage_k == 15
+    for name in runner.trainer.parameter_names():
+        np.testing.assert_array_equal(runner.trainer.get_parameter(name), before_params[name])
+    for name, value in runner.frozen_params.items():
+        np.testing.assert_array_equal(value, before_params[name])
+        assert name.startswith("blocks.14.")
+    assert runner.trainer.momentum_buffers and all(n.startswith(("blocks.15.", "blocks.16."))
+                                                    for n in runner.trainer.momentum_buffers)
+    # The model as a whole computes the same function: the newly frozen block runs with the
+    # device-trained weights (bridge), not the bundle's host weights.
+    new_logits = runner.trainer.eval_step(*_val_batch(runner))[1]
+    np.testing.assert_allclose(new_logits, old_logits, atol=1e-4)
+    assert runner.evaluate()["val_acc"] == pytest.approx(before_eval["val_acc"])
+    host = runner.bundle.stage(15)
+    from device_runner.backends.ort_prefix import OrtPrefix
+    from device_runner.data import normalize
+    x = normalize(runner.data.images[runner.val_idx[:8]], runner.bundle.mean, runner.bundle.std)
+    host_features = OrtPrefix(host.prefix_onnx, 1).forward(x)
+    assert np.abs(runner.prefix.forward(x) - host_features).max() > 1e-4, \
+        "after training, block 14's features must differ from the host's prefix"
+
+
+def _val_batch(runner):
+    idx = runner.val_idx[:16]
+    features, *_ = runner._features(idx)
+    return features, runner.data.labels[idx]
+
+
+def test_prune_and_grow_keeps_sparsity_exact(bundle_dir, tmp_path):
+    from device_runner import dst
+    from device_runner.loop import start
+
+    runner = start(config(bundle_dir, tmp_path / "run", epochs=2, freeze_at=(5, 6), delta_tau=1), log=quiet)
+    masks = {m: runner.trainer.get_parameter(m) for m, _ in runner.trainer.stage.masks}
+    report = runner.run()
+    assert report["status"] == "finished"
+    assert all(h["mask_update"] and h["regrown"] > 0 for h in report["history"])
+    changed = 0
+    for mask_name, weight_name in runner.trainer.stage.masks:
+        mask = runner.trainer.get_parameter(mask_name)
+        assert mask.sum() == masks[mask_name].sum(), f"{mask_name} changed its active count"
+        assert np.count_nonzero(runner.trainer.get_parameter(weight_name)[mask == 0]) == 0
+        changed += int((mask != masks[mask_name]).sum())
+    assert changed > 0
+    assert dst.sparsity_report(runner.trainer)["masked_nonzero"] == 0
+
+
+def test_prune_and_grow_unit():
+    from device_runner.dst import prune_and_grow, update_fraction
+
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(8, 4, 3, 3)).astype(np.float32)
+    mask = (rng.random(weight.shape) < 0.3).astype(np.float32)
+    weight *= mask
+    new_weight, new_mask, grown = prune_and_grow(weight, mask, 0.25, rng)
+    assert new_mask.sum() == mask.sum()
+    count = round(0.25 * mask.sum())
+    assert grown.sum() == count and (mask[grown] == 0).all()
+    assert (new_weight[grown] == 0).all() and (new_weight[new_mask == 0] == 0).all()
+    pruned = (mask == 1) & (new_mask == 0)
+    assert np.abs(weight[pruned]).max() <= np.abs(weight[(mask == 1) & (new_mask == 1)]).min()
+    assert update_fraction(0.3, 0, 10) == pytest.approx(0.3) and update_fraction(0.3, 10, 10) == 0.0
+
+
+def test_feature_cache_serves_later_epochs(bundle_dir, tmp_path):
+    from device_runner.loop import start
+
+    runner = start(config(bundle_dir, tmp_path / "run", epochs=2, freeze_at=(5, 6)), log=quiet)
+    report = runner.run()
+    stage = report["stages"][0]
+    assert stage["cache"]["hit_samples"] > 0
+    assert report["cache"]["location"] == "memory"
+    idx = runner.train_idx[:5]
+    from device_runner.data import normalize
+    direct = runner.prefix.forward(normalize(runner.data.images[idx], runner.bundle.mean, runner.bundle.std))
+    np.testing.assert_allclose(runner.cache.get(idx), direct, rtol=1e-5, atol=1e-5)
+    none = start(config(bundle_dir, tmp_path / "nocache", epochs=1, freeze_at=(5, 6), cache="none"), log=quiet)
+    assert none.run()["stages"][0]["cache"]["hit_samples"] == 0
+
+
+def test_nan_loss_rolls_back_and_lowers_lr(bundle_dir, tmp_path, monkeypatch):
+    from device_runner.backends.ort_training import SuffixTrainer
+    from device_runner.loop import start
+
+    runner = start(config(bundle_dir, tmp_path / "run", epochs=2, freeze_at=(5, 6)), log=quiet)
+    real = SuffixTrainer.train_step
+    calls = {"n": 0}
+
+    def flaky(self, features, labels):
+        calls["n"] += 1
+        loss, logits = real(self, features, labels)
+        return (float("nan"), logits) if calls["n"] == 3 else (loss, logits)
+
+    monkeypatch.setattr(SuffixTrainer, "train_step", flaky)
+    report = runner.run()
+    assert report["status"] == "finished"
+    assert [e["kind"] for e in report["events"]].count("nan") == 1
+    assert report["schedule"]["lr_scale"] == 0.5
+    assert [h["epoch"] for h in report["history"]] == [1, 2]
+
+
+# --- budgets ----------------------------------------------------------------------------------
+
+def test_memory_budget_picks_smaller_batch_and_is_respected(bundle_dir, tmp_path):
+    from device_runner.loop import start
+
+    free = start(config(bundle_dir, tmp_path / "free", epochs=1, freeze_at=(5, 6)), log=quiet)
+    plan = free.plan
+    assert free.batch_size >= 64
+    tight_mb = (plan["base_mb"] + plan["per_sample_mb"] * 8 + 12) / 0.9
+    runner = start(config(bundle_dir, tmp_path / "tight", epochs=1, freeze_at=(5, 6),
+                          memory_budget_mb=tight_mb), log=quiet)
+    assert runner.batch_size < free.batch_size
+    report = runner.run()
+    assert report["status"] == "finished"
+    assert report["peak_rss_mb"] <= tight_mb
+    assert not [e for e in report["events"] if e["kind"] == "budget_exceeded"]
+
+
+def test_memory_budget_too_small_is_a_clear_error(bundle_dir, tmp_path):
+    result = run_cli(["--bundle", str(bundle_dir), "--profile", "generic-x86", "--data", "digits",
+                      "--memory-budget-mb", "20", "--out", str(tmp_path / "run")])
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: a training step with batch 1 needs about")
+    assert "raise budgets.memory_mb" in lines[0]
+
+
+def test_energy_budget_checkpoints_and_stops(bundle_dir, tmp_path):
+    from device_runner.errors import BudgetError
+    from device_runner.loop import resume, start
+
+    out = tmp_path / "run"
+    runner = start(config(bundle_dir, out, epochs=3, energy_budget_j=40.0), log=quiet)
+    report = runner.run()
+    assert report["status"] == "stopped: energy budget reached"
+    assert report["energy"]["joules"] >= 40.0 and not report["energy"]["measured"]
+    assert report["epochs_done"] < 3
+    assert (out / "checkpoint.json").is_file()
+    with pytest.raises(BudgetError, match="raise budgets.energy_j"):
+        resume(out, log=quiet)
+    finished = resume(out, log=quiet, energy_budget_j=1e9).run()
+    assert finished["status"] == "finished"
+    assert [h["epoch"] for h in finished["history"]] == [1, 2, 3]
+
+
+def test_dry_run_plans_without_training(bundle_dir, tmp_path):
+    result = run_cli(["--bundle", str(bundle_dir), "--profile", "raspberry-pi-4", "--dry-run", "--json"])
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout.strip().splitlines()[-1])
+    assert plan["batch_size"] >= 1 and plan["predicted_peak_mb"] < plan["memory_budget_mb"]
+    assert [k for k, _ in plan["stages"]] == list(STAGES)
+    assert "predicted peak RSS" in result.stdout
+
+
+# --- reliability ------------------------------------------------------------------------------
+
+def _copy_bundle(bundle_dir, tmp_path) -> Path:
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, copy)
+    return copy
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("flip", "does not match its sha256"),
+    ("delete", "is missing"),
+    ("version", "bundle format version 99"),
+    ("no_manifest", "is not a bundle"),
+])
+def test_damaged_bundle_is_refused(bundle_dir, tmp_path, damage, message):
+    copy = _copy_bundle(bundle_dir, tmp_path)
+    if damage == "flip":
+        target = copy / "stage_15" / "training_model.onnx"
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        target.write_bytes(bytes(data))
+    elif damage == "delete":
+        (copy / "stage_16" / "checkpoint").unlink()
+    elif damage == "version":
+        manifest = json.loads((copy / "manifest.json").read_text())
+        manifest["format_version"] = 99
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+    else:
+        (copy / "manifest.json").unlink()
+    out = tmp_path / "run"
+    result = run_cli(["--bundle", str(copy), "--profile", "generic-x86", "--data", "digits", "--out", str(out)])
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_bad_profile_and_data_are_clear_errors(bundle_dir, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nboard: {cpu: c, cores: 0, ram_mb: 512, arch: aarch64}\n"
+                   "power: {idle_w: 1, busy_w: 2}\nbudgets: {memory_mb: 100, speed: 3}\n")
+    result = run_cli(["--bundle", str(bundle_dir), "--profile", str(bad), "--data", "digits"])
+    assert result.returncode == 2
+    assert "board.cores: 0 is below the minimum 1" in result.stderr
+    assert "budgets.speed: unknown field" in result.stderr
+    missing = run_cli(["--bundle", str(bundle_dir), "--profile", "generic-x86",
+                       "--data", f"imagefolder:{tmp_path / 'nope'}", "--out", str(tmp_path / "r")])
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_resume_after_kill_loses_and_repeats_no_epoch(bundle_dir, tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    args = [sys.executable, "-m", "device_runner", "--bundle", str(bundle_dir), "--profile", "generic-x86",
+            "--data", "digits", "--max-per-class", "30", "--epochs", "3", "--freeze-at", "1,2",
+            "--batch-size", "2", "--checkpoint-every", "1", "--threads", "2", "--out", str(out)]
+    process = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    pointer = out / "checkpoint.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            state = json.loads(pointer.read_text())
+        except (OSError, ValueError):
+            state = {"epoch": 0, "position": 0}
+        if state["epoch"] >= 1 and state["position"] > 10:
+            break
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    state = json.loads(pointer.read_text())
+    assert state["epoch"] >= 1
+    resumed = subprocess.run([sys.executable, "-m", "device_runner", "--resume", str(out)], env=env, cwd=REPO,
+                             capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"at epoch {state['epoch'] + 1}, sample {state['position']}" in resumed.stdout
+    epochs = [json.loads(l)["epoch"] for l in (out / "metrics.jsonl").read_text().splitlines()
+              if json.loads(l)["type"] == "epoch"]
+    assert epochs == [1, 2, 3]
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "finished"
+    assert sum(s["samples"] for s in report["stages"]) >= 3 * int(report["data"]["train"] * 0.8) - 3
