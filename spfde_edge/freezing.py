@@ -83,12 +83,15 @@ def freeze_schedule(block_train_flops: Sequence[float] | None = None,
                     epochs: int, delta_tau: int, target_reduction: float,
                     max_frozen_fraction: float = 2 / 3,
                     flops_fn: Callable[[int], float] | None = None,
-                    num_blocks: int | None = None, strict: bool = True) -> FreezePlan:
+                    num_blocks: int | None = None, strict: bool = True,
+                    epoch_flops_fn: Callable[[int, int], float] | None = None) -> FreezePlan:
     """The freezing plan whose FLOPs reduction is closest to ``target_reduction``.
 
     Give either per-block costs (``block_train_flops``, ``block_forward_flops``; slightly
     approximate, since the first trainable block's input-gradient saving depends on how
-    many blocks are frozen) or the exact ``flops_fn(num_frozen)`` with ``num_blocks``.
+    many blocks are frozen) or the exact ``flops_fn(num_frozen)`` with ``num_blocks``, or
+    ``epoch_flops_fn(num_frozen, epoch)`` with ``num_blocks`` when the per-sample cost also
+    changes with the epoch (MEST runs above its target density in its update epochs).
 
     Searches every ``T_frz`` (a positive multiple of ``delta_tau``) and every number of
     frozen blocks k, with all ``e_i < epochs``, k at most ``floor(max_frozen_fraction *
@@ -98,6 +101,10 @@ def freeze_schedule(block_train_flops: Sequence[float] | None = None,
     unless ``strict`` is false: then the plan with the largest reduction is returned (the
     caller reports the shortfall; a 3-epoch smoke run should still freeze what it can).
     """
+    if epoch_flops_fn is not None:
+        if flops_fn is not None or num_blocks is None:
+            raise FreezeError("with epoch_flops_fn give num_blocks and no flops_fn")
+        flops_fn = lambda k: epoch_flops_fn(k, 0)  # noqa: E731 (argument checks only)
     if flops_fn is None:
         if block_train_flops is None or block_forward_flops is None:
             raise FreezeError("give block_train_flops and block_forward_flops, "
@@ -114,14 +121,17 @@ def freeze_schedule(block_train_flops: Sequence[float] | None = None,
         raise FreezeError(f"max_frozen_fraction must be in [0, 1], got {max_frozen_fraction}")
 
     max_frozen = min(math.floor(max_frozen_fraction * num_blocks + 1e-9), num_blocks - 1)
-    cost = [flops_fn(k) for k in range(max(max_frozen, 0) + 1)]
+    by_epoch = epoch_flops_fn or (lambda k, e: flops_fn(k))
+    table = [[by_epoch(k, e) for e in range(epochs)] for k in range(max(max_frozen, 0) + 1)]
+    baseline = sum(table[0])
     candidates = [FreezePlan()]
     for t_frz in range(delta_tau, epochs, delta_tau):
         for k in range(1, max_frozen + 1):
             freeze_epochs = [t_frz + i * delta_tau for i in range(k)]
             if freeze_epochs[-1] >= epochs:
                 break
-            reduction = plan_reduction(cost.__getitem__, FreezePlan(freeze_epochs, t_frz), epochs)
+            plan = FreezePlan(freeze_epochs, t_frz)
+            reduction = 1.0 - sum(table[_num_frozen_at(plan, e)][e] for e in range(epochs)) / baseline
             candidates.append(FreezePlan(freeze_epochs, t_frz, reduction))
 
     reachable = max(plan.reduction for plan in candidates)

@@ -96,7 +96,8 @@ class Trainer:
         self.masks.attach(self.model)
         self.target_densities = self.masks.layer_density()  # exact per-layer targets
         self.num_blocks = len(self.model.blocks)
-        plan = freeze_schedule(flops_fn=self._train_flops_with_frozen, epochs=config.epochs,
+        self.dst_schedule = UpdateSchedule(config.delta_tau, config.epochs, config.update_fraction)
+        plan = freeze_schedule(epoch_flops_fn=self._expected_train_flops, epochs=config.epochs,
                                delta_tau=config.delta_tau, target_reduction=config.freeze_flops,
                                max_frozen_fraction=config.max_frozen_fraction,
                                num_blocks=self.num_blocks, strict=False)
@@ -109,7 +110,6 @@ class Trainer:
         self.active_epochs = block_active_epochs(plan, self.num_blocks, config.epochs)
         self.sieve = DataSieve(len(self.data.train), config.sieve, np.random.default_rng(config.seed + 4),
                                swap_fraction=config.sieve_swap)
-        self.dst_schedule = UpdateSchedule(config.delta_tau, config.epochs, config.update_fraction)
         self.dst = get_algorithm(config.dst)
         self.optimizer = torch.optim.SGD(self._param_groups(0), lr=config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay)
@@ -121,8 +121,16 @@ class Trainer:
                        "no_freeze_flops": 0.0, "wall_s": 0.0}
 
     # -- pieces the loop calls -------------------------------------------------------------
-    def _train_flops_with_frozen(self, num_frozen: int) -> float:
-        densities = self.masks.layer_density()
+    def _expected_train_flops(self, num_frozen: int, epoch: int) -> float:
+        """Per-sample training FLOPs the run will spend in ``epoch``: MEST's soft memory
+        bound grows each trainable layer by the update fraction for its update epochs, so
+        the freezing plan is computed on what the run really costs."""
+        densities = dict(self.target_densities)
+        if self.config.dst == "mest" and self.dst_schedule.is_update_epoch(epoch):
+            growth = 1.0 + self.dst_schedule.fraction(epoch)
+            for name in densities:
+                if self.model.block_of_parameter(name) >= num_frozen:
+                    densities[name] = min(1.0, densities[name] * growth)
         return cost.training_flops_per_sample(self.profile, densities, num_frozen).total
 
     def _param_groups(self, num_frozen: int) -> list[dict]:
@@ -291,14 +299,15 @@ class Trainer:
                       dense_grad_samples) -> dict:
         num_frozen = self.model.num_frozen
         per_sample = cost.training_flops_per_sample(self.profile, densities, num_frozen)
-        no_freeze = cost.training_flops_per_sample(self.profile, densities, 0).total
-        sparse_ref = cost.training_flops_per_sample(self.profile, self.target_densities, 0).total
+        # What the same epoch costs without freezing: had the frozen layers kept training,
+        # MEST would have grown them too (the per-sample model equals the measured densities).
+        no_freeze = self._expected_train_flops(0, epoch)
         dense_ref = cost.dense_train_flops_per_sample(self.profile).total
         n_train = len(self.data.train)
         epoch_flops = per_sample.total * result.samples + dense_ref * dense_grad_samples
         self.totals["train_flops"] += epoch_flops
-        self.totals["no_freeze_flops"] += no_freeze * result.samples
-        self.totals["sparse_reference_flops"] += sparse_ref * n_train
+        self.totals["no_freeze_flops"] += no_freeze * result.samples + dense_ref * dense_grad_samples
+        self.totals["sparse_reference_flops"] += no_freeze * n_train + dense_ref * dense_grad_samples
         self.totals["dense_reference_flops"] += dense_ref * n_train
         self.totals["wall_s"] += wall_s
         memory = cost.training_memory_bytes(self.profile, self.masks.layer_density(), num_frozen,
