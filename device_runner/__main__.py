@@ -76,15 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import DeviceRunnerError
     from .loop import RunConfig, dry_run, resume, start
     from .report import table
-    from dataclasses import replace
 
     try:
         if args.resume:
             runner = resume(Path(args.resume), energy_budget_j=args.energy_budget_j)
         else:
             if not args.bundle or not args.profile:
-                raise_usage = "give --bundle and --profile (and --data, --out), or --resume RUN"
-                print(f"error: {raise_usage}", file=sys.stderr)
+                print("error: give --bundle and --profile (and --data, --out), or --resume RUN",
+                      file=sys.stderr)
                 return 2
             freeze_at = tuple(int(v) for v in args.freeze_at.split(",")) if args.freeze_at else None
             config = RunConfig(bundle=args.bundle, profile=args.profile, data=args.data, out=args.out,

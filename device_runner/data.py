@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import gzip
 import importlib.util
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -137,5 +136,5 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
 def normalize(images_uint8: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
     """float32 ``(x / 255 - mean) / std`` per channel (the bundle's normalization)."""
     mean_a = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
-    scale = (1.0 / (255.0 * np.asarray(std, dtype=np.float32))).reshape(1, -1, 1, 1)
-    return (images_uint8.astype(np.float32) * scale - mean_a / np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1))
+    std_a = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
+    return (images_uint8.astype(np.float32) / np.float32(255.0) - mean_a) / std_a

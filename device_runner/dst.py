@@ -88,5 +88,6 @@ def sparsity_report(trainer) -> dict:
         active += int(mask.sum())
         total += mask.size
         stray += int(np.count_nonzero(weight[~mask]))
-    return {"active": active, "total": total, "sparsity": 1.0 - active / total if total else 0.0,
+    # A suffix without masked layers (e.g. a dense head) has no sparsity to report.
+    return {"active": active, "total": total, "sparsity": 1.0 - active / total if total else None,
             "masked_nonzero": stray}

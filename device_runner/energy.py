@@ -23,7 +23,6 @@ import re
 import shutil
 import subprocess
 import time
-from pathlib import Path
 
 import psutil
 

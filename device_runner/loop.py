@@ -14,9 +14,7 @@ Everything that changes is in :meth:`Runner.state`, written atomically by checkp
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -31,7 +29,7 @@ from .bundle import Bundle, load_bundle
 from .cache import FeatureCache
 from .data import DeviceData, load_data, normalize, stratified_split
 from .energy import EnergyMeter
-from .errors import BudgetError, RunError
+from .errors import BudgetError, BundleError, RunError
 from .profile import Profile, load_profile
 from .sieve import DataSieve
 
@@ -213,15 +211,14 @@ class Runner:
             self.prefix_choice = "none (stage 0 trains every block)"
             return None
         wanted = self.profile.prefix_backend
-        usable, why = executorch_prefix.available()
-        if wanted == "executorch" or (wanted == "auto" and usable and "need torch" not in why
-                                      and executorch_prefix.importlib.util.find_spec("torch") is None):
+        _, why = executorch_prefix.available()
+        if wanted == "executorch":
             if first.prefix_pte is None:
-                raise BudgetError("the profile asks for ExecuTorch but the bundle has no .pte prefix")
-            self.prefix_choice = f"executorch ({why})"
+                raise BundleError("the profile asks for ExecuTorch but the bundle has no .pte prefix")
+            self.prefix_choice = f"executorch (profile prefix_backend: executorch; {why})"
             return executorch_prefix.ExecuTorchPrefix(first.prefix_pte, first.pte_batch_size or 1)
-        self.prefix_choice = (f"onnxruntime (profile prefix_backend: {wanted}; ExecuTorch: {why}"
-                              f"{'' if wanted == 'onnxruntime' else ', its Python bindings load torch, which the runner avoids'})")
+        # auto: ExecuTorch's Python bindings need torch (see backends/executorch_prefix.py).
+        self.prefix_choice = f"onnxruntime (profile prefix_backend: {wanted}; ExecuTorch: {why})"
         return OrtPrefix(first.prefix_onnx, self.threads)
 
     @property
@@ -353,7 +350,7 @@ class Runner:
         self.prefix = PrefixChain(self.prefix.base, self.prefix.bridges + [bridge])
         if self.cache is not None and self.cache.enabled:
             self.cache.transform(bridge.forward, feature_shape=self.bundle.stage(new_k).feature_shape)
-        elif self.cache is None or not self.cache.enabled:
+        elif self.cache is None:
             self._new_cache()
         self._event("stage", f"stage {old_k} -> {new_k}: blocks {old_k}..{new_k - 1} frozen with their "
                     "device-trained weights; weights, masks, BN statistics and momentum carried")
@@ -451,10 +448,11 @@ class Runner:
                     budget.reset_peak()
                 self.order = self.train_idx[self.rng.permutation(self.sieve.active_indices)]
                 self.save()
-            stop = self._train_epoch(energy_budget)
-            if stop:
+            outcome = self._train_epoch(energy_budget)
+            if outcome == "energy":
                 return self._stop_for_energy()
-            self._end_epoch()
+            if outcome == "epoch":
+                self._end_epoch()
         self.status = "finished"
         self.save()
         return self.report()
@@ -469,10 +467,11 @@ class Runner:
         self.save()
         return self.report()
 
-    def _train_epoch(self, energy_budget) -> bool:
+    def _train_epoch(self, energy_budget) -> str:
+        """Train the rest of this epoch: "epoch" when done, "energy" at the budget,
+        "rollback" after a non-finite loss restored the last checkpoint."""
         k = self.stage_k
         profile = self.stage_profiles.setdefault(k, StageProfile(k))
-        steps_per_epoch = max(1, math.ceil(self.order.size / max(1, self.batch_size)))
         since_checkpoint = 0
         while self.position < self.order.size:
             started = time.perf_counter()
@@ -485,7 +484,7 @@ class Runner:
             t1 = time.perf_counter()
             if not math.isfinite(loss):
                 self._rollback(loss)
-                return False
+                return "rollback"
             epoch_float = self.epoch + self.position / self.order.size
             self.trainer.sgd_step(self.lrs(epoch_float), self.momentum, self.weight_decay)
             t2 = time.perf_counter()
@@ -506,9 +505,8 @@ class Runner:
                 self.save()
                 since_checkpoint = 0
             if energy_budget is not None and self.meter.joules >= energy_budget:
-                return True
-        del steps_per_epoch
-        return False
+                return "energy"
+        return "epoch"
 
     def _check_memory(self, profile: StageProfile) -> None:
         peak = budget.peak_rss_mb()
@@ -566,7 +564,8 @@ class Runner:
         }
         self.history.append(record)
         self.log(f"epoch {record['epoch']}/{self.config.epochs} stage {k}: val acc {record['val_acc']:.4f} "
-                 f"loss {record['val_loss']:.4f}, sparsity {record['sparsity']:.4f}, peak RSS "
+                 f"loss {record['val_loss']:.4f}, sparsity "
+                 f"{'-' if record['sparsity'] is None else format(record['sparsity'], '.4f')}, peak RSS "
                  f"{record['peak_rss_mb']:.0f} MB, energy {record['energy_j']:.1f} J")
         self.epoch += 1
         self.position = 0
@@ -585,8 +584,8 @@ def start(config: RunConfig, log=print) -> Runner:
     if out.exists() and any(out.iterdir()):
         raise RunError(f"--out {out} already holds files; use --resume {out} to continue it or "
                        "choose a new folder")
+    runner = Runner(config, out, log)  # checks bundle, profile and data before writing anything
     out.mkdir(parents=True, exist_ok=True)
-    runner = Runner(config, out, log)
     runner.setup()
     return runner
 

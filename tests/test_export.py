@@ -72,10 +72,13 @@ def checkpoint_path(tmp_path_factory) -> Path:
 
 
 def _options(name: str, checkpoint: Path, out: Path) -> ExportOptions:
+    # The tests below re-measure parity themselves; the export's own steps are kept short.
     if name == "resnet32":
-        return ExportOptions(checkpoint=str(checkpoint), out=str(out), batch_size=BATCH)
+        return ExportOptions(checkpoint=str(checkpoint), out=str(out), batch_size=BATCH, parity_steps=2)
+    # uniform: under ERK the narrow early layers of a tiny model come out dense
     return ExportOptions(model="resnet18", width=0.125, input_size=SIZE, batch_size=BATCH,
-                         stages="3", sparsity=0.8, out=str(out))
+                         stages="3", sparsity=0.8, distribution="uniform", out=str(out),
+                         parity_steps=2)
 
 
 @pytest.fixture(scope="session", params=["resnet32", "resnet18"])
@@ -107,6 +110,11 @@ def _batch(stage: dict, seed: int, num_classes: int = 10):
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+def _norm_rel(pairs) -> float:
+    diff = sum(float(np.sum((a.astype(np.float64) - b) ** 2)) for a, b in pairs)
+    return (diff / sum(float(np.sum(np.asarray(b, np.float64) ** 2)) for _, b in pairs)) ** 0.5
 
 
 # -- stages and manifest ---------------------------------------------------------------------
@@ -233,13 +241,16 @@ def test_one_ort_training_step_matches_one_pytorch_sgd_step(bundle):
     optimizer.step()
     # float64 reference: PyTorch's float32 BatchNorm-bias gradients are the less exact side
     reference = TrainableSuffix(source.model, stage["stage"], source.masks).double().train()
+    before = {n: p.detach().numpy().copy() for n, p in reference.named_parameters()}
     sgd = torch.optim.SGD(reference.parameters(), lr=0.05)
     loss = F.cross_entropy(reference(x.double())[0], y)
     loss.backward()
     sgd.step()
     assert abs(ort_loss - loss.item()) <= TOL * abs(loss.item())
-    worst = max(_rel(state.parameters[n].data, p.detach().numpy()) for n, p in reference.named_parameters())
-    assert worst <= TOL
+    pairs = [(state.parameters[n].data, p.detach().numpy()) for n, p in reference.named_parameters()]
+    assert _norm_rel(pairs) <= TOL
+    updates = [(a - before[n], b - before[n]) for n, (a, b) in zip(before, pairs)]
+    assert _norm_rel(updates) <= 1e-3  # the gradient itself, not only the weights
 
 
 def _suffix_steps(root, stage, steps, lr=0.01, seed=20):
@@ -279,28 +290,30 @@ def test_masked_weights_stay_exactly_zero_after_ten_steps(bundle):
 
 
 def test_bn_running_statistics_follow_pytorch(bundle):
-    """ORT eval after device-style steps == PyTorch eval after the same SGD steps."""
+    """Device-style statistics updates == PyTorch's train-mode updates, and eval uses them.
+
+    Learning rate 0 keeps the weights fixed, so only the BatchNorm pipeline is measured
+    (batch-statistics outputs, the momentum update, the eval graph reading the result).
+    """
     root, manifest, options = bundle
     source = _source(options)
     stage = manifest["stages"][0]
-    state, module, batches = _suffix_steps(root, stage, steps=5)
+    state, module, batches = _suffix_steps(root, stage, steps=5, lr=0.0)
     reference = TrainableSuffix(source.model, stage["stage"], source.masks).double().train()
-    sgd = torch.optim.SGD(reference.parameters(), lr=0.01)
-    for x, y in batches:
-        sgd.zero_grad()
-        F.cross_entropy(reference(x.double())[0], y).backward()
-        sgd.step()
+    with torch.no_grad():
+        for x, _ in batches:
+            reference(x.double())
     for name, buffer in reference.named_buffers():
         if "running_" in name:
-            assert _rel(state.parameters[name].data, buffer.numpy()) <= 1e-4, name
+            assert _rel(state.parameters[name].data, buffer.numpy()) <= TOL, name
     x, y = _batch(stage, seed=99)
     module.eval()
     logits = module(x.numpy(), y.numpy())[1]
     with torch.no_grad():
         expected = reference.eval()(x.double())[0].numpy()
+        stale = TrainableSuffix(source.model, stage["stage"], source.masks).eval()(x)[0].numpy()
     assert np.abs(logits - expected).max() <= TOL
-    changed = max(np.abs(state.parameters[r["running_var"]].data - 1).max() for r in stage["suffix"]["batchnorms"])
-    assert changed > 0
+    assert np.abs(logits - stale).max() > 100 * TOL  # the statistics did change the output
 
 
 def test_prune_and_grow_by_editing_checkpoint_state(bundle):
@@ -390,6 +403,8 @@ def test_out_folder_with_another_models_bundle_is_refused(bundle, tmp_path, caps
     before = sorted(p.name for p in out.rglob("*"))
     err = _error(["--model", other, "--stages", "0", "--out", str(out)], capsys)
     assert "--force" in err
+    same_name_other_width = ["--model", manifest["model"]["name"], "--width", "0.5", "--stages", "0"]
+    assert "--force" in _error([*same_name_other_width, "--out", str(out)], capsys)
     assert sorted(p.name for p in out.rglob("*")) == before
     assert list(tmp_path.iterdir()) == [out]
 
@@ -401,12 +416,12 @@ def test_force_replaces_and_failures_leave_nothing_behind(bundle, tmp_path, monk
     out = tmp_path / "taken"
     shutil.copytree(root, out)
     options = ExportOptions(model="resnet18", width=0.125, input_size=SIZE, batch_size=4,
-                            stages="0", sparsity=0.5, out=str(out), force=True, parity_steps=2)
+                            stages="0", sparsity=0.5, out=str(out), force=True, parity_steps=1)
 
     def broken(*args, **kwargs):
         raise bundle_mod.ParityError("simulated parity failure")
 
-    monkeypatch.setattr(bundle_mod.suffix_io, "check_suffix", broken)
+    monkeypatch.setattr(bundle_mod.suffix_io, "export_suffix", broken)
     with pytest.raises(bundle_mod.ParityError):
         export_bundle(options, log=_quiet)
     assert json.loads((out / "manifest.json").read_text())["model"]["name"] == "resnet32"
@@ -420,11 +435,13 @@ def test_force_replaces_and_failures_leave_nothing_behind(bundle, tmp_path, monk
 
 
 def test_help_documents_every_option():
-    result = subprocess.run([sys.executable, "-m", "spfde_edge.export", "--help"],
-                            capture_output=True, text=True, check=True)
-    for option in ("--model", "--checkpoint", "--inspect", "--out", "--stages", "--batch-size",
-                   "--input-size", "--num-classes", "--force", "--width", "--sparsity"):
-        assert option in result.stdout
+    from spfde_edge.export.__main__ import build_parser
+
+    text = build_parser().format_help()
+    for action in build_parser()._actions:
+        for option in action.option_strings:
+            assert option in text
+        assert action.help, action.option_strings
 
 
 def test_core_import_stays_free_of_export_runtimes():

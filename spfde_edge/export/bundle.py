@@ -205,7 +205,14 @@ def resolve_stages(spec: str | None, source: Source) -> list[int]:
     return list(range(first, last + 1))
 
 
-def _check_out(out: Path, model_name: str, force: bool) -> None:
+def _identity(model: dict) -> str:
+    """What makes two bundles the same model: architecture, width, stem and classes."""
+    stem = "" if model.get("cifar_stem", True) else ", ImageNet stem"
+    width = "default width" if model.get("width") is None else f"width {model.get('width')}"
+    return f"{model.get('name')} ({width}, {model.get('num_classes')} classes{stem})"
+
+
+def _check_out(out: Path, wanted: dict, force: bool) -> None:
     """Refuse to replace anything but an empty folder or a bundle of the same model."""
     if not out.exists():
         return
@@ -217,11 +224,11 @@ def _check_out(out: Path, model_name: str, force: bool) -> None:
         raise BundleError(f"--out {out} holds files that are not an spfde bundle; choose an empty "
                           "or new folder (--force only replaces bundles)")
     try:
-        existing = manifest_io.read(out)["model"]["name"]
+        existing = _identity(manifest_io.read(out)["model"])
     except (BundleError, KeyError, TypeError):
         existing = "an unreadable bundle"
-    if existing != model_name and not force:
-        raise BundleError(f"--out {out} holds a bundle of {existing}, not {model_name}; "
+    if existing != _identity(wanted) and not force:
+        raise BundleError(f"--out {out} holds a bundle of {existing}, not {_identity(wanted)}; "
                           "add --force to replace it or choose another --out")
 
 
@@ -392,7 +399,9 @@ def export_bundle(options: ExportOptions, log: Callable[[str], None] = print) ->
     source = load_source(options)
     stages = resolve_stages(options.stages, source)
     out = Path(options.out or Path("export") / source.config.model)
-    _check_out(out, source.config.model, options.force)
+    _check_out(out, {"name": source.config.model, "width": source.config.width,
+                     "num_classes": len(source.classes), "cifar_stem": source.config.cifar_stem},
+               options.force)
     batch_size = options.batch_size or source.config.batch_size
     if batch_size < 1:
         raise BundleError(f"--batch-size must be at least 1, got {batch_size}")
@@ -480,8 +489,7 @@ def _mb(n: int) -> str:
 
 def summary(manifest: dict, root: Path) -> str:
     """The table printed after an export and by ``--inspect``."""
-    lines = [f"bundle {root}: {manifest['model']['name']} "
-             f"(width {manifest['model']['width']}), {len(manifest['stages'])} stage(s), "
+    lines = [f"bundle {root}: {_identity(manifest['model'])}, {len(manifest['stages'])} stage(s), "
              f"{len(manifest['files'])} files, {_mb(sum(f['bytes'] for f in manifest['files'].values()))}, "
              f"exported in {manifest['export_s']:.1f} s"]
     lines.append(f"{'stage':>5} {'frozen':>6} {'features':>18} {'size':>10} {'zeros':>10} "

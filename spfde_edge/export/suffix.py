@@ -249,7 +249,11 @@ def export_suffix(model: BlockModel, masks: dict[str, torch.Tensor], k: int,
 # -- parity ------------------------------------------------------------------------------------
 
 def _ort_session(folder: Path):
+    import onnxruntime
     from onnxruntime.training.api import CheckpointState, Module, Optimizer
+
+    # Loading the optimizer graph warns about the shape of its "updated" flag (harmless).
+    onnxruntime.set_default_logger_severity(3)
 
     state = CheckpointState.load_checkpoint(str(folder / "checkpoint"))
     module = Module(str(folder / "training_model.onnx"), state, str(folder / "eval_model.onnx"))
