@@ -374,6 +374,7 @@ class Runner:
             "lr_scale": self.lr_scale, "rollbacks": self.rollbacks, "history": self.history,
             "events": self.events, "plan": self.plan, "initial_eval": self.initial_eval,
             "status": self.status, "energy_j": self.meter.joules, "global_peak_mb": self.global_peak_mb,
+            "energy_budget_j": self.profile.energy_j,
             "rng": self.rng.bit_generator.state,
             "sieve": {k: v for k, v in sieve_state.items() if not isinstance(v, np.ndarray)},
             "stage_profiles": {str(k): asdict(p) for k, p in self.stage_profiles.items()},
@@ -497,14 +498,16 @@ class Runner:
             profile.cache_hits.append(hits)
             profile.samples += int(idx.size)
             self._check_memory(profile)
-            self.meter.update()
+            self.meter.update(force=energy_budget is not None)  # exact per step under a budget
             profile.energy_j += self.meter.joules - energy_before
             profile.wall_s += time.perf_counter() - started
             since_checkpoint += 1
             if since_checkpoint >= self.checkpoint_every and self.position < self.order.size:
                 self.save()
                 since_checkpoint = 0
-            if energy_budget is not None and self.meter.joules >= energy_budget:
+            # Stop before a step that would cross the budget (the next costs about the last).
+            step_j = self.meter.joules - energy_before
+            if energy_budget is not None and self.meter.joules + step_j >= energy_budget:
                 return "energy"
         return "epoch"
 
@@ -602,7 +605,11 @@ def resume(out: Path, log=print, energy_budget_j: float | None = None) -> Runner
                        "from its report or raise --epochs in a new run")
     runner = Runner(config, out, log)
     runner.setup((meta, arrays, ort))
-    if meta["status"].startswith("stopped: energy") and runner.energy_exhausted(runner.profile.energy_j):
+    stopped_at = meta.get("energy_budget_j")
+    if meta["status"].startswith("stopped: energy") and (
+            runner.energy_exhausted(runner.profile.energy_j)
+            or (stopped_at is not None and runner.profile.energy_j is not None
+                and runner.profile.energy_j <= stopped_at)):
         raise BudgetError(f"run {out} stopped at its energy budget ({runner.profile.energy_j:g} J, "
                           f"{meta['energy_j']:.1f} J used); raise budgets.energy_j in the profile to continue")
     runner.status = "running"

@@ -315,7 +315,7 @@ def test_energy_budget_checkpoints_and_stops(bundle_dir, tmp_path):
     runner.profile = load_profile(runner.config.profile, runner.config.profile_overrides())
     report = runner.run()
     assert report["status"] == "stopped: energy budget reached"
-    assert budget_j <= report["energy"]["joules"] < budget_j + 5
+    assert budget_j - 15.0 < report["energy"]["joules"] <= budget_j  # stopped before crossing it
     assert not report["energy"]["measured"] and "estimate" in report["energy"]["source"]
     assert report["epochs_done"] < 3
     assert json.loads((out / "checkpoint.json").read_text())["epoch"] == report["epochs_done"]

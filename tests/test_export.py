@@ -17,8 +17,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("onnxruntime.training")
-pytest.importorskip("executorch")
 import onnx  # noqa: E402
 import onnxruntime  # noqa: E402
 from onnxruntime.training.api import CheckpointState, Module, Optimizer  # noqa: E402
@@ -158,10 +156,10 @@ def test_schema_rejects_a_broken_manifest(bundle):
         manifest_io.validate(broken)
 
 
+@pytest.mark.parametrize("bundle", ["resnet32"], indirect=True)  # the checkpoint-sourced bundle
 def test_checkpoint_source_carries_schedule_and_classes(bundle):
     _, manifest, options = bundle
-    if not options.checkpoint:
-        pytest.skip("fresh-model bundle")
+    assert options.checkpoint
     assert manifest["model"]["classes"][:2] == ["c0", "c1"]
     assert manifest["model"]["normalization"]["mean"] == [0.49, 0.48, 0.45]
     assert manifest["spfde"]["freezing"]["freeze_epochs"] == [5, 10, 15, 20, 25, 30]
@@ -409,10 +407,9 @@ def test_out_folder_with_another_models_bundle_is_refused(bundle, tmp_path, caps
     assert list(tmp_path.iterdir()) == [out]
 
 
+@pytest.mark.parametrize("bundle", ["resnet32"], indirect=True)  # one model is enough
 def test_force_replaces_and_failures_leave_nothing_behind(bundle, tmp_path, monkeypatch):
     root, manifest, _ = bundle
-    if manifest["model"]["name"] != "resnet32":
-        pytest.skip("one model is enough")
     out = tmp_path / "taken"
     shutil.copytree(root, out)
     options = ExportOptions(model="resnet18", width=0.125, input_size=SIZE, batch_size=4,
