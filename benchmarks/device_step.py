@@ -17,6 +17,7 @@ once with ``spfde_edge.export`` (cached under ``--bundle-dir``), then:
     python benchmarks/device_step.py                                     # resnet18 + resnet32 (width 2)
     python benchmarks/device_step.py --models resnet32 --batch-sizes 32 --reps 9
     python benchmarks/device_step.py --quick                             # smoke run, < 1 minute
+                                                                         # (+ one tiny export on the first run)
 
 Ratios are device / PyTorch: below 1 the device backend is faster or smaller.
 """
@@ -443,7 +444,7 @@ def main(argv=None) -> dict:
     bundle_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     result = {"benchmark": "device_step", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
+              "command": " ".join(["python benchmarks/device_step.py", *(sys.argv[1:] if argv is None else argv)]),
               "config": {k: v for k, v in vars(args).items() if k != "worker"}, "machine": machine(),
               "step": [], "rss": [], "prefix": []}
     for model in args.models:

@@ -112,7 +112,7 @@ def main(argv=None) -> dict:
     bundle_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     result = {"benchmark": "roofline", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
+              "command": " ".join(["python benchmarks/roofline.py", *(sys.argv[1:] if argv is None else argv)]),
               "config": vars(args), "machine": device_step.machine(),
               "gemm": gemm_rate(args.gemm_n, args.gemm_reps, args.threads), "rows": []}
     peak = result["gemm"]["flops_per_s"]
