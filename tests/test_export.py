@@ -200,6 +200,24 @@ def test_prefix_pte_and_onnx_match_pytorch(bundle):
         assert np.abs(ort - expected).max() <= TOL
 
 
+def test_device_runner_prefix_backends_match_pytorch(bundle):
+    """The device's own backends (ExecuTorch .pte and ORT .onnx) give the host's features."""
+    from device_runner.backends.executorch_prefix import ExecuTorchPrefix
+    from device_runner.backends.ort_prefix import OrtPrefix
+
+    root, manifest, options = bundle
+    source = _source(options)
+    stage = manifest["stages"][-1]
+    prefix = baked_prefix(source.model, source.masks, stage["stage"])
+    x = torch.randn(stage["prefix"]["input"]["shape"], generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        expected = prefix(x).numpy()
+    pte = ExecuTorchPrefix(root / stage["prefix"]["pte"], x.shape[0]).forward(x.numpy())
+    ort = OrtPrefix(root / stage["prefix"]["onnx"], threads=1).forward(x.numpy())
+    assert np.abs(pte - expected).max() <= TOL
+    assert np.abs(ort - expected).max() <= TOL
+
+
 def test_prefix_has_masks_baked_in(bundle):
     root, manifest, options = bundle
     source = _source(options)
