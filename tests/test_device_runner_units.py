@@ -1,9 +1,6 @@
 """device_runner pieces that need no bundle: profiles, energy sensors, schedule, data, cache."""
 from __future__ import annotations
 
-import gzip
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -5,9 +5,9 @@ every field. Paths inside the manifest are relative to the bundle folder.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
+from device_runner.bundle import sha256_file  # one hasher: the device verifies what the host wrote
 
 BUNDLE_FORMAT = "spfde-bundle"
 BUNDLE_FORMAT_VERSION = 1
@@ -21,14 +21,6 @@ class BundleError(ValueError):
 
 class ParityError(BundleError):
     """An exported graph disagrees with PyTorch beyond the tolerance; nothing is written."""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def file_table(root: Path, relative_paths: list[str]) -> dict[str, dict]:
