@@ -26,6 +26,20 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def file_problems(root: Path, files: dict) -> list[str]:
+    """What is wrong with the files a manifest lists: missing, wrong size or wrong sha256."""
+    problems = []
+    for rel, entry in sorted(files.items()):
+        file = Path(root) / rel
+        if not file.is_file():
+            problems.append(f"{rel} is missing")
+        elif file.stat().st_size != entry["bytes"]:
+            problems.append(f"{rel} has {file.stat().st_size} bytes, the manifest says {entry['bytes']}")
+        elif sha256_file(file) != entry["sha256"]:
+            problems.append(f"{rel} does not match its sha256")
+    return problems
+
+
 @dataclass(frozen=True)
 class Stage:
     """Stage ``k``: blocks ``[0, k)`` frozen (the prefix), blocks ``[k, n)`` trained."""
@@ -139,15 +153,7 @@ def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
                           "or re-export with a matching spfde_edge")
     files = _need(manifest, "files")
     if verify:
-        problems = []
-        for rel, entry in sorted(files.items()):
-            file = root / rel
-            if not file.is_file():
-                problems.append(f"{rel} is missing")
-            elif file.stat().st_size != entry["bytes"]:
-                problems.append(f"{rel} has {file.stat().st_size} bytes, the manifest says {entry['bytes']}")
-            elif sha256_file(file) != entry["sha256"]:
-                problems.append(f"{rel} does not match its sha256")
+        problems = file_problems(root, files)
         if problems:
             raise BundleError(f"bundle {root} is damaged: {'; '.join(problems[:3])}"
                               f"{f' (+{len(problems) - 3} more)' if len(problems) > 3 else ''}; "

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from device_runner.bundle import sha256_file  # one hasher: the device verifies what the host wrote
+# One hasher and one check: the device verifies exactly what the host wrote.
+from device_runner.bundle import file_problems, sha256_file
 
 BUNDLE_FORMAT = "spfde-bundle"
 BUNDLE_FORMAT_VERSION = 1
@@ -69,13 +70,4 @@ def read(root: Path) -> dict:
 
 def verify_files(root: Path, manifest: dict) -> list[str]:
     """Problems with the files the manifest lists (missing, size or sha256 mismatch)."""
-    problems = []
-    for rel, entry in manifest["files"].items():
-        path = Path(root) / rel
-        if not path.is_file():
-            problems.append(f"{rel}: missing")
-        elif path.stat().st_size != entry["bytes"]:
-            problems.append(f"{rel}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
-        elif sha256_file(path) != entry["sha256"]:
-            problems.append(f"{rel}: sha256 differs from the manifest")
-    return problems
+    return file_problems(root, manifest["files"])

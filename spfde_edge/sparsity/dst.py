@@ -193,7 +193,8 @@ class _PruneThenGrow(DSTAlgorithm):
 
     def _grow(self, name: str, candidates: torch.Tensor, k: int, generator: torch.Generator,
               dense_grads: dict | None) -> torch.Tensor:
-        raise NotImplementedError
+        """Flat indices of the k positions to grow; each subclass says how (abstract)."""
+        raise NotImplementedError(f"{type(self).__name__} must define how it grows weights")
 
     def begin_update(self, maskset, model, fraction, generator, optimizer, frozen_names,
                      dense_grads=None):
