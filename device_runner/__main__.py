@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", choices=("memory", "disk", "none"), help="override cache.location")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: the profile's)")
     p.add_argument("--threads", type=int, help="override budgets.threads")
+    p.add_argument("--suffix-backend", choices=("auto", "onnxruntime-training", "onnxruntime"),
+                   help="override the profile's suffix_backend: ONNX Runtime training artifacts, or the "
+                        "standard-ONNX step graph on plain onnxruntime (the only one on aarch64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the final report (or plan) as JSON")
     return p
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                                freeze_at=freeze_at, max_per_class=args.max_per_class,
                                memory_budget_mb=args.memory_budget_mb, energy_budget_j=args.energy_budget_j,
                                cache=args.cache, checkpoint_every=args.checkpoint_every,
-                               threads=args.threads, seed=args.seed)
+                               threads=args.threads, seed=args.seed, suffix_backend=args.suffix_backend)
             if args.dry_run:
                 plan = dry_run(config)
                 if args.json:

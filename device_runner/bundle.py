@@ -57,6 +57,9 @@ class Stage:
     batchnorms: tuple[dict, ...]
     training_outputs: tuple[str, ...]
     eval_outputs: tuple[str, ...]
+    backends: tuple[str, ...] = ("onnxruntime-training",)   # suffix backends this stage supports
+    step_model: Path | None = None                          # step.onnx (backend "onnxruntime")
+    step_state: Path | None = None                          # its starting state (npz)
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,7 @@ def _need(mapping: dict, path: str):
 def _stage(root: Path, entry: dict) -> Stage:
     suffix = _need(entry, "suffix")
     prefix = entry.get("prefix")
+    step = suffix.get("step_graph")
     return Stage(
         k=int(_need(entry, "stage")),
         prefix_onnx=root / prefix["onnx"] if prefix and prefix.get("onnx") else None,
@@ -128,6 +132,9 @@ def _stage(root: Path, entry: dict) -> Stage:
         batchnorms=tuple(_need(suffix, "batchnorms")),
         training_outputs=tuple(_need(suffix, "training_outputs")),
         eval_outputs=tuple(_need(suffix, "eval_outputs")),
+        backends=tuple(suffix.get("backends", ["onnxruntime-training"])),
+        step_model=root / _need(step, "model") if step else None,
+        step_state=root / _need(step, "state") if step else None,
     )
 
 
@@ -167,8 +174,9 @@ def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
         raise BundleError(f"bundle {root} has no stages; re-export it")
     listed = {str(root / rel) for rel in files}
     for stage in stages:
-        for file in (stage.training_model, stage.eval_model, stage.checkpoint):
-            if str(file) not in listed:
+        for file in (stage.training_model, stage.eval_model, stage.checkpoint, stage.step_model,
+                     stage.step_state):
+            if file is not None and str(file) not in listed:
                 raise BundleError(f"stage {stage.k} names {file.name}, which the manifest's file "
                                   "table does not list; re-export the bundle")
     return Bundle(root=root, manifest=manifest, stages=stages)

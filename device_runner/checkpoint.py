@@ -3,7 +3,8 @@
 Layout::
 
     out/checkpoint.json           pointer to the newest complete checkpoint (replaced atomically)
-    out/checkpoints/ckpt-000012/  ort_checkpoint (the suffix's ORT training state),
+    out/checkpoints/ckpt-000012/  suffix_state.npz (suffix parameters, masks, BN statistics;
+                                  the same format for every backend),
                                   state.npz (sieve, momentum, frozen blocks, epoch order),
                                   state.json (progress, config, history, profiles, RNG)
 
@@ -23,7 +24,7 @@ import numpy as np
 
 from .errors import RunError
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: suffix state as npz, readable by every backend
 POINTER = "checkpoint.json"
 
 
@@ -62,15 +63,18 @@ def _serial(out: Path) -> int:
     return 0
 
 
-def write(out: Path, meta: dict, arrays: dict[str, np.ndarray], save_ort) -> Path:
+SUFFIX_STATE = "suffix_state.npz"
+
+
+def write(out: Path, meta: dict, arrays: dict[str, np.ndarray], save_suffix) -> Path:
     folder = out / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     serial = _serial(out) + 1
     tmp = Path(tempfile.mkdtemp(prefix=".ckpt-", suffix=".tmp", dir=folder))
-    save_ort(tmp / "ort_checkpoint")
+    save_suffix(tmp / SUFFIX_STATE)
     np.savez(tmp / "state.npz", **arrays)
     (tmp / "state.json").write_text(json.dumps(meta))
-    for name in ("ort_checkpoint", "state.npz", "state.json"):
+    for name in (SUFFIX_STATE, "state.npz", "state.json"):
         _fsync_file(tmp / name)
     final = folder / f"ckpt-{serial:06d}"
     if final.exists():
@@ -100,7 +104,7 @@ def read(out: Path) -> tuple[dict, dict[str, np.ndarray], Path]:
     if meta.get("version") != STATE_VERSION:
         raise RunError(f"checkpoint of {out} has state version {meta.get('version')}, this "
                        f"device_runner reads {STATE_VERSION}; resume with the version that wrote it")
-    return meta, arrays, folder / "ort_checkpoint"
+    return meta, arrays, folder / SUFFIX_STATE
 
 
 def write_metrics(out: Path, history: list[dict], stages: list[dict]) -> None:

@@ -24,7 +24,8 @@ import numpy as np
 from . import budget, checkpoint, dst, schedule
 from .backends import executorch_prefix
 from .backends.ort_prefix import OrtBridge, OrtPrefix, PrefixChain
-from .backends.ort_training import SuffixTrainer, block_of
+from .backends import choose_suffix_backend
+from .backends.sgd import block_of
 from .bundle import Bundle, load_bundle
 from .cache import FeatureCache
 from .data import DeviceData, load_data, normalize, stratified_split
@@ -59,6 +60,7 @@ class RunConfig:
     checkpoint_every: int | None = None  # steps (default: the profile's)
     threads: int | None = None           # default: the profile's
     seed: int = 0
+    suffix_backend: str | None = None    # auto | onnxruntime-training | onnxruntime (default: profile's)
 
     def profile_overrides(self) -> dict:
         overrides = {}
@@ -70,6 +72,8 @@ class RunConfig:
             overrides["cache.location"] = self.cache
         if self.threads is not None:
             overrides["budgets.threads"] = self.threads
+        if self.suffix_backend is not None:
+            overrides["suffix_backend"] = self.suffix_backend
         return overrides
 
     def to_dict(self) -> dict:
@@ -200,7 +204,9 @@ class Runner:
         self.status = "running"
         self.energy_offset_j = 0.0
         self.global_peak_mb = 0.0
-        self.trainer: SuffixTrainer | None = None
+        self.trainer = None                 # a suffix backend (backends/__init__.py)
+        self.suffix_class, self.suffix_choice = choose_suffix_backend(
+            self.profile.suffix_backend, self.bundle.stages)
         self.prefix: PrefixChain | None = None
         self.cache: FeatureCache | None = None
 
@@ -340,7 +346,7 @@ class Runner:
         for name, value in current.items():
             if block_of(name) < new_k:
                 self.frozen_params[name] = value
-        trainer = SuffixTrainer(self.bundle.stage(new_k), self.threads)
+        trainer = self.suffix_class(self.bundle.stage(new_k), self.threads)
         for name in trainer.parameter_names():
             if name in current:
                 trainer.set_parameter(name, current[name])
@@ -382,7 +388,7 @@ class Runner:
         }
         return meta, arrays
 
-    def load_state(self, meta: dict, arrays: dict[str, np.ndarray], ort_checkpoint: Path) -> None:
+    def load_state(self, meta: dict, arrays: dict[str, np.ndarray], suffix_state: Path) -> None:
         if meta["bundle_sha"] != {rel: e["sha256"] for rel, e in self.bundle.manifest["files"].items()}:
             raise RunError("the bundle changed since this run started (its sha256 table differs); "
                            "resume with the original bundle or start a new run")
@@ -400,7 +406,7 @@ class Runner:
         self.order = arrays.get("order")
         self.frozen_params = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("frozen/")}
         self.stage_profiles = {int(k): StageProfile(**v) for k, v in meta["stage_profiles"].items()}
-        self.trainer = SuffixTrainer(self.bundle.stage(self.stage_k), self.threads, ort_checkpoint)
+        self.trainer = self.suffix_class(self.bundle.stage(self.stage_k), self.threads, suffix_state)
         self.trainer.momentum_buffers = {k.split("/", 1)[1]: v for k, v in arrays.items()
                                          if k.startswith("momentum/")}
         self._build_prefix()
@@ -420,14 +426,15 @@ class Runner:
         if state is None:
             self.meter = EnergyMeter(self.profile.sensor, self.profile.idle_w, self.profile.busy_w,
                                      self.profile.cores)
-            self.trainer = SuffixTrainer(self.bundle.stage(self.stage_k), self.threads)
+            self.trainer = self.suffix_class(self.bundle.stage(self.stage_k), self.threads)
             self._build_prefix()
             self._new_cache()
             plan = self.plan_batch()
             self.batch_size = plan.batch_size
             self.log(f"plan: batch {plan.batch_size} (predicted peak {plan.predicted_peak_mb:.0f} MB of "
                      f"{self.profile.memory_mb:.0f} MB), stages {self.starts}, Δτ {self.delta_tau}, "
-                     f"prefix on {self.prefix.name}, cache {self.cache.location}, energy {self.meter.source}")
+                     f"prefix on {self.prefix.name}, suffix on {self.trainer.name}, cache {self.cache.location}, "
+                     f"energy {self.meter.source}")
             self.initial_eval = self.evaluate()
             self.log(f"before on-device training: val acc {self.initial_eval['val_acc']:.4f}")
             self.save()
@@ -625,7 +632,7 @@ def dry_run(config: RunConfig, log=print) -> dict:
         runner = Runner(config, Path(tmp), log, dry_run=True)
         runner.meter = EnergyMeter(runner.profile.sensor, runner.profile.idle_w, runner.profile.busy_w,
                                    runner.profile.cores)
-        runner.trainer = SuffixTrainer(runner.bundle.stage(runner.stage_k), runner.threads)
+        runner.trainer = runner.suffix_class(runner.bundle.stage(runner.stage_k), runner.threads)
         runner._build_prefix()
         runner._new_cache()
         plan = runner.plan_batch()
@@ -639,7 +646,8 @@ def dry_run(config: RunConfig, log=print) -> dict:
         result = {"batch_size": batch, "predicted_peak_mb": round(plan.predicted_peak_mb, 1),
                   "memory_budget_mb": runner.profile.memory_mb, "per_sample_mb": round(plan.per_sample_mb, 3),
                   "stages": runner.starts, "delta_tau": runner.delta_tau, "prefix": runner.prefix.name,
-                  "prefix_choice": runner.prefix_choice, "cache": runner.cache.location,
+                  "prefix_choice": runner.prefix_choice, "suffix_choice": runner.suffix_choice,
+                  "cache": runner.cache.location,
                   "data": runner.data.source, "train_samples_per_epoch": int(samples),
                   "predicted_epoch_s_first_stage": round(seconds_per_epoch, 2),
                   "predicted_energy_j": round(joules, 1), "energy_budget_j": runner.profile.energy_j,
@@ -650,6 +658,7 @@ def dry_run(config: RunConfig, log=print) -> dict:
                  f"{plan.per_sample_mb:.2f} MB/sample; {plan.reason})",
                  f"  stages (k, first epoch): {runner.starts}; Δτ {runner.delta_tau} epoch(s)",
                  f"  prefix: {runner.prefix_choice}; feature cache: {runner.cache.location}",
+                 f"  suffix: {runner.suffix_choice}",
                  f"  {samples} samples/epoch from {runner.data.source}: about {seconds_per_epoch:.1f} s/epoch "
                  f"in the first stage; {config.epochs} epoch(s) about {joules:.0f} J at busy power "
                  f"{runner.profile.busy_w:g} W"]

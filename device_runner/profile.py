@@ -87,6 +87,7 @@ class Profile:
     cache_max_mb: float
     prefix_backend: str
     checkpoint_every_steps: int
+    suffix_backend: str = "auto"
     raw: dict = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict:
@@ -115,8 +116,11 @@ def load_profile(spec: str, overrides: dict | None = None) -> Profile:
     if not isinstance(raw, dict):
         raise ProfileError(f"profile {path} must be a YAML mapping (see profiles/README.md)")
     for section_key, value in (overrides or {}).items():
-        section, key = section_key.split(".")
-        raw.setdefault(section, {})[key] = value
+        if "." in section_key:
+            section, key = section_key.split(".")
+            raw.setdefault(section, {})[key] = value
+        else:
+            raw[section_key] = value
     schema = json.loads(SCHEMA_PATH.read_text())
     problems = schema_problems(raw, schema)
     if problems:
@@ -140,4 +144,5 @@ def load_profile(spec: str, overrides: dict | None = None) -> Profile:
         cache_location=cache.get("location", "memory"), cache_dir=cache.get("dir"),
         cache_max_mb=float(cache.get("max_mb", 256)),
         prefix_backend=raw.get("prefix_backend", "auto"),
-        checkpoint_every_steps=int(raw.get("checkpoint_every_steps", 200)), raw=raw)
+        checkpoint_every_steps=int(raw.get("checkpoint_every_steps", 200)),
+        suffix_backend=raw.get("suffix_backend", "auto"), raw=raw)

@@ -421,3 +421,78 @@ def test_resume_after_kill_loses_and_repeats_no_epoch(bundle_dir, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "finished"
     assert sum(s["samples"] for s in report["stages"]) >= 3 * int(report["data"]["train"] * 0.8) - 3
+
+
+# --- the standard-ONNX step graph backend (issue 6) --------------------------------------------
+
+def _final_state(out: Path) -> dict[str, np.ndarray]:
+    folder = out / json.loads((out / "checkpoint.json").read_text())["folder"]
+    with np.load(folder / "suffix_state.npz") as data:
+        return {k: data[k] for k in data.files}
+
+
+def test_step_graph_backend_trains_like_ort_training(bundle_dir, tmp_path):
+    """The same run on both suffix backends: same losses, masks and weights (SpFDE stages included)."""
+    from device_runner.loop import start
+
+    runs = {}
+    for backend in ("onnxruntime-training", "onnxruntime"):
+        runner = start(config(bundle_dir, tmp_path / backend, epochs=3, suffix_backend=backend), log=quiet)
+        runner.run()
+        assert runner.trainer.name == backend
+        lines = [json.loads(l) for l in (runner.out / "metrics.jsonl").read_text().splitlines()]
+        runs[backend] = ([l for l in lines if l["type"] == "epoch"], _final_state(runner.out))
+    (ort_epochs, ort_state), (step_epochs, step_state) = runs.values()
+    assert [e["epoch"] for e in step_epochs] == [1, 2, 3]
+    for a, b in zip(step_epochs, ort_epochs):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
+        assert a["sparsity"] == b["sparsity"] and a["stage"] == b["stage"]
+    assert step_state.keys() == ort_state.keys()
+    moved = 0.0
+    for name, value in step_state.items():
+        if name.endswith("_mask"):
+            np.testing.assert_array_equal(value, ort_state[name])
+        else:
+            scale = max(float(np.abs(ort_state[name]).max()), 1e-6)
+            assert float(np.abs(value - ort_state[name]).max()) / scale < 1e-3, name
+    host = dict(np.load(runner.bundle.stage(16).step_state))
+    moved = max(float(np.abs(step_state[n] - host[n]).max()) for n in host if not n.endswith("_mask"))
+    assert moved > 1e-3, "the compared runs must have trained"
+
+
+def test_auto_picks_the_step_graph_where_onnxruntime_has_no_training(bundle_dir, tmp_path, monkeypatch):
+    import device_runner.backends as backends
+    from device_runner.errors import BundleError
+    from device_runner.loop import start
+
+    monkeypatch.setattr(backends, "training_build_present", lambda: False)
+    runner = start(config(bundle_dir, tmp_path / "auto", epochs=1, freeze_at=None), log=quiet)
+    assert runner.trainer.name == "onnxruntime" and "no training build" in runner.suffix_choice
+    with pytest.raises(BundleError, match="needs onnxruntime-training-cpu"):
+        start(config(bundle_dir, tmp_path / "forced", suffix_backend="onnxruntime-training"), log=quiet)
+
+
+def test_bundle_without_step_graph_is_a_clear_error_for_that_backend(bundle_dir, tmp_path):
+    root = _copy_bundle(bundle_dir, tmp_path)
+    manifest = json.loads((root / "manifest.json").read_text())
+    for stage in manifest["stages"]:
+        stage["suffix"]["backends"] = ["onnxruntime-training"]
+        stage["suffix"]["step_graph"] = None
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    result = run_cli(["--bundle", str(root), "--profile", "generic-x86", "--data", "digits",
+                      "--suffix-backend", "onnxruntime", "--out", str(tmp_path / "run")])
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "step.onnx" in result.stderr and "re-export" in result.stderr
+
+
+def test_step_graph_backend_runs_where_torch_cannot_be_imported(bundle_dir, image_dir, torch_blocker, tmp_path):
+    log = tmp_path / "imports.log"
+    out = tmp_path / "run"
+    result = run_cli(["--bundle", str(bundle_dir), "--profile", "generic-x86", "--data", f"imagefolder:{image_dir}",
+                      "--epochs", "2", "--freeze-at", "1,2", "--suffix-backend", "onnxruntime",
+                      "--out", str(out)], torch_blocker, log)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not log.exists(), f"device_runner tried to import {log.read_text()}"
+    report = json.loads((out / "report.json").read_text())
+    assert report["backends"]["suffix"].startswith("onnxruntime,")
+    assert [s["stage"] for s in report["stages"]] == [14, 15]

@@ -71,8 +71,11 @@ def checkpoint_path(tmp_path_factory) -> Path:
 
 def _options(name: str, checkpoint: Path, out: Path) -> ExportOptions:
     # The tests below re-measure parity themselves; the export's own steps are kept short.
+    # resnet32 leaves out step.onnx (--no-step-graph; its 12-block suffixes take minutes to
+    # trace); resnet18 carries it and is checked below.
     if name == "resnet32":
-        return ExportOptions(checkpoint=str(checkpoint), out=str(out), batch_size=BATCH, parity_steps=2)
+        return ExportOptions(checkpoint=str(checkpoint), out=str(out), batch_size=BATCH, parity_steps=2,
+                             step_graph=False)
     # uniform: under ERK the narrow early layers of a tiny model come out dense
     return ExportOptions(model="resnet18", width=0.125, input_size=SIZE, batch_size=BATCH,
                          stages="3", sparsity=0.8, distribution="uniform", out=str(out),
@@ -125,9 +128,13 @@ def test_default_stages_run_from_frozen_point_to_last_planned(bundle):
         k = stage["stage"]
         assert stage["frozen_blocks"] == [b["name"] for b in manifest["model"]["blocks"][:k]]
         assert (root / f"stage_{k:02d}" / "prefix.pte").is_file()
+        step_files = {"step.onnx", "suffix_state.npz"} if options.step_graph else set()
         assert {p.name for p in (root / f"stage_{k:02d}").iterdir()} == {
             "prefix.pte", "prefix.onnx", "training_model.onnx", "eval_model.onnx",
-            "optimizer_model.onnx", "checkpoint"}
+            "optimizer_model.onnx", "checkpoint"} | step_files
+        assert stage["suffix"]["backends"] == (["onnxruntime-training", "onnxruntime"] if options.step_graph
+                                               else ["onnxruntime-training"])
+        assert (stage["suffix"]["step_graph"] is None) == (not options.step_graph)
 
 
 def test_manifest_matches_schema_and_says_how_to_continue(bundle):
@@ -465,3 +472,78 @@ def test_core_import_stays_free_of_export_runtimes():
             "('onnx', 'onnxruntime', 'executorch')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+# -- the standard-ONNX training step (issue 6) --------------------------------------------------
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation,groups,size", [
+    (3, 1, 1, 1, 1, 8), (3, 2, 1, 1, 1, 9), (1, 2, 0, 1, 1, 8), (3, 1, 2, 2, 1, 7),
+    (3, 2, 1, 1, 6, 8), (5, 1, 0, 1, 1, 6)])
+def test_convolution_backward_rule_equals_autograd(kernel, stride, padding, dilation, groups, size):
+    from spfde_edge.export.step_graph import convolution_backward
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, size, size, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 6 // groups, kernel, kernel, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    out = torch.nn.functional.conv2d(x, w, b, stride, padding, dilation, groups)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    gi, gw, gb = convolution_backward(grad_out, x.detach(), w.detach(), [6], [stride] * 2, [padding] * 2,
+                                      [dilation] * 2, False, [0, 0], groups, [True, True, True])
+    assert gi.shape == x.shape and gw.shape == w.shape
+    assert torch.allclose(gi, x.grad, atol=1e-10)
+    assert torch.allclose(gw, w.grad, atol=1e-10)
+    assert torch.allclose(gb, b.grad, atol=1e-10)
+
+
+def test_grouped_convolution_is_refused_by_the_step_graph():
+    from spfde_edge.export.step_graph import convolution_backward
+
+    x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 2, 3, 3)
+    with pytest.raises(NotImplementedError, match="groups=2"):
+        convolution_backward(torch.randn(1, 4, 3, 3), x, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 2,
+                             [False, True, False])
+
+
+def test_step_graph_runs_on_plain_onnxruntime_at_any_batch_and_matches_ort_training(bundle):
+    """step.onnx: standard operators only, IR <= 10, dynamic batch, one step equal to ORT training."""
+    import onnx
+    import onnxruntime
+
+    root, manifest, options = bundle
+    if not options.step_graph:
+        pytest.skip("this bundle was exported with --no-step-graph")
+    for stage in manifest["stages"]:
+        suffix = stage["suffix"]
+        assert suffix["backends"] == ["onnxruntime-training", "onnxruntime"]
+        step = suffix["step_graph"]
+        proto = onnx.load(root / step["model"])
+        assert proto.ir_version <= 10
+        assert {o.domain for o in proto.opset_import} <= {"", "ai.onnx"}
+        assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"}
+        for key in ("step_graph_loss_rel", "step_graph_weights_rel", "step_graph_vs_ort_loss_rel",
+                    "step_graph_vs_ort_weights_rel"):
+            assert stage["parity"][key] <= 1e-4, (stage["stage"], key, stage["parity"][key])
+        session = onnxruntime.InferenceSession(str(root / step["model"]), providers=["CPUExecutionProvider"])
+        state = dict(np.load(root / step["state"]))
+        assert set(step["parameters"]) == set(suffix["parameters"])
+        for batch in (3, BATCH + 5):
+            x, y = _batch({"features": {"shape": [batch, *stage["features"]["shape"][1:]]}}, seed=batch)
+            feeds = {n: state[n] for n in step["inputs"][:-2]}
+            feeds.update(features=x.numpy(), labels=y.numpy())
+            outputs = dict(zip(step["outputs"], session.run(None, feeds)))
+            # ORT training on the same batch from the bundle's own checkpoint
+            ckpt, module, _ = _ort(root, stage)
+            module.train()
+            ort_loss = float(module(x.numpy(), y.numpy())[0])
+            assert _rel(np.array(outputs["loss"]), np.array(ort_loss)) < 1e-4
+            assert outputs["logits"].shape == (batch, 10)
+            grads = [(outputs[n + ".grad"], ckpt.parameters[n].grad) for n in step["parameters"]]
+            assert _norm_rel(grads) < 1e-4
+            dead_total = 0
+            for mask in suffix["masks"]:  # masked positions get exactly zero gradient
+                dead = state[mask["name"]] == 0
+                dead_total += int(dead.sum())
+                assert np.all(outputs[mask["weight"] + ".grad"][dead] == 0)
+            assert dead_total > 0

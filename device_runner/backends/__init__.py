@@ -4,4 +4,54 @@
   (``forward(x) -> features``; ``name`` says which runtime ran it);
 * a *suffix trainer* runs ``train_step``/``eval_step`` on the sparse suffix and exposes its
   parameters by name (``get_parameter``/``set_parameter``) and ``save``.
+
+
+Suffix backends, chosen by the profile's ``suffix_backend`` (or ``--suffix-backend``):
+
+* ``onnxruntime-training``: the stage's ORT on-device training artifacts; needs the training
+  build of ONNX Runtime (``onnxruntime-training-cpu``, x86_64 wheels only);
+* ``onnxruntime``: the stage's ``step.onnx``, a whole training step in standard ONNX
+  operators, on any ONNX Runtime build (aarch64 included);
+* ``auto``: the training build when it is installed, otherwise the step graph.
 """
+from __future__ import annotations
+
+TRAINING = "onnxruntime-training"
+STEP_GRAPH = "onnxruntime"
+
+
+def training_build_present() -> bool:
+    from ._ort import onnxruntime
+    return hasattr(onnxruntime.capi._pybind_state, "load_checkpoint")
+
+
+def choose_suffix_backend(wanted: str, stages) -> tuple[type, str]:
+    """The trainer class for ``wanted`` and a sentence saying why; BundleError if impossible."""
+    from ..errors import BundleError
+
+    have_step = all(STEP_GRAPH in s.backends and s.step_model is not None for s in stages)
+    have_training_build = training_build_present()
+    if wanted == "auto":
+        if have_training_build:
+            wanted, why = TRAINING, "auto: the ONNX Runtime training build is installed"
+        elif have_step:
+            wanted, why = STEP_GRAPH, "auto: this ONNX Runtime has no training build"
+        else:
+            raise BundleError("this onnxruntime has no training support and the bundle has no "
+                              "step.onnx graphs; re-export it with this spfde_edge, or install "
+                              "onnxruntime-training-cpu (x86_64 only)")
+    else:
+        why = f"profile suffix_backend: {wanted}"
+    if wanted == TRAINING:
+        if not have_training_build:
+            raise BundleError("suffix_backend onnxruntime-training needs onnxruntime-training-cpu "
+                              "(x86_64 only); on this machine set suffix_backend: onnxruntime")
+        from .ort_training import SuffixTrainer
+        return SuffixTrainer, f"{TRAINING} ({why})"
+    if wanted == STEP_GRAPH:
+        if not have_step:
+            raise BundleError("suffix_backend onnxruntime needs step.onnx in every stage; re-export "
+                              "the bundle with this spfde_edge (without --no-step-graph)")
+        from .onnx_step import StepGraphTrainer
+        return StepGraphTrainer, f"{STEP_GRAPH} step graph ({why})"
+    raise BundleError(f"unknown suffix_backend {wanted!r}; use auto, {TRAINING} or {STEP_GRAPH}")

@@ -24,6 +24,8 @@ from ._ort import onnxruntime
 
 from ..bundle import Stage
 from ..errors import BundleError
+from .onnx_step import load_state_file
+from .sgd import block_of, sgd_update  # noqa: F401  (block_of re-exported for the loop)
 
 C = onnxruntime.capi._pybind_state
 C.set_default_logger_severity(3)  # ORT warns about benign shape merges on every load
@@ -40,11 +42,6 @@ def session_options(threads: int) -> "C.SessionOptions":
     return options
 
 
-def block_of(name: str) -> int:
-    """Block index of a parameter named ``blocks.<i>.…``."""
-    return int(name.split(".")[1])
-
-
 class SuffixTrainer:
     """Train/eval steps of one stage's suffix, parameters by name, SGD with momentum in numpy."""
 
@@ -52,7 +49,11 @@ class SuffixTrainer:
 
     def __init__(self, stage: Stage, threads: int, checkpoint: Path | None = None):
         self.stage = stage
-        path = checkpoint or stage.checkpoint
+        path = stage.checkpoint
+        if not hasattr(C, "load_checkpoint"):
+            raise BundleError("this onnxruntime has no training support (the inference build); "
+                              "set suffix_backend: onnxruntime in the profile, or install "
+                              "onnxruntime-training-cpu on x86_64")
         try:
             self.state = C.load_checkpoint(os.fspath(path))
             device = C.OrtDevice(C.OrtDevice.cpu(), C.OrtDevice.default_memory(), 0)
@@ -71,6 +72,8 @@ class SuffixTrainer:
         self._stat_index = [(row, outputs.index(row["batch_mean_output"]),
                              outputs.index(row["batch_var_output"])) for row in stage.batchnorms]
         self.momentum_buffers: dict[str, np.ndarray] = {}
+        if checkpoint is not None:
+            self.load(checkpoint)
 
     # --- parameters ----------------------------------------------------------------------
     def parameter_names(self) -> list[str]:
@@ -113,28 +116,14 @@ class SuffixTrainer:
         return loss, logits
 
     def sgd_step(self, lr_of_block: dict[int, float], momentum: float, weight_decay: float) -> None:
-        """``v = mu v + g + wd w; w -= lr v`` per parameter, in place; masked positions stay 0."""
+        """The shared numpy SGD, in place on the checkpoint's parameter buffers."""
         for name in self.trainable:
-            lr = lr_of_block.get(block_of(name), 0.0)
             param = self.state.get_parameter(name)
             if not param.grad.has_value():
                 continue
-            weight = param.data.numpy()
-            step = param.grad.numpy().astype(np.float32, copy=True)
-            if weight_decay and weight.ndim > 1:
-                step += weight_decay * weight
-            if name in self.mask_of:
-                # The graph already zeroes masked gradients; weight decay must not move them either.
-                step *= self._view(self.mask_of[name])
-            if momentum:
-                buffer = self.momentum_buffers.get(name)
-                if buffer is None:
-                    buffer = self.momentum_buffers[name] = np.zeros_like(weight)
-                buffer *= momentum
-                buffer += step
-                step = buffer
-            if lr:
-                weight -= lr * step
+            mask = self._view(self.mask_of[name]) if name in self.mask_of else None
+            sgd_update(param.data.numpy(), param.grad.numpy(), mask, self.momentum_buffers, name,
+                       lr_of_block.get(block_of(name), 0.0), momentum, weight_decay)
 
     def eval_step(self, features: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
         fetches = C.OrtValueVector()
@@ -143,6 +132,14 @@ class SuffixTrainer:
         return float(fetches[0].numpy()), np.array(fetches[1].numpy(), copy=True)
 
     def save(self, path: Path) -> None:
+        """Every parameter, mask and running statistic as npz: the format both backends read."""
         for name, value in self.running.items():
             self._view(name)[...] = value
-        C.save_checkpoint(self.state, os.fspath(path), False)
+        with open(path, "wb") as handle:
+            np.savez(handle, **{n: self.get_parameter(n) for n in self.parameter_names()})
+
+    def load(self, path: Path) -> None:
+        names = set(self.parameter_names())
+        for name, value in load_state_file(path).items():
+            if name in names:
+                self.set_parameter(name, value)

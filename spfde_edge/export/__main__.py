@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     bundle.add_argument("--force", action="store_true",
                         help="replace an existing bundle of another model in --out")
     bundle.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17; ORT 1.19 loads <= 21)")
+    bundle.add_argument("--no-step-graph", dest="step_graph", action="store_false",
+                        help="skip step.onnx, the standard-ONNX training step that plain onnxruntime "
+                             "runs (needed on aarch64; adds about a minute per stage)")
     bundle.add_argument("--seed", type=int, default=0,
                         help="seed of a fresh model's weights and masks, and of the parity batches (default 0)")
     bundle.add_argument("--parity-steps", type=int, default=10,
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             width=args.width, cifar_stem=args.cifar_stem, sparsity=args.sparsity,
             distribution=args.distribution, freeze_flops=args.freeze_flops, epochs=args.epochs,
             delta_tau=args.delta_tau, seed=args.seed, force=args.force, opset=args.opset,
-            parity_steps=args.parity_steps)
+            parity_steps=args.parity_steps, step_graph=args.step_graph)
         export_bundle(options)
     except ParityError as exc:
         print(f"error: {exc}", file=sys.stderr)
