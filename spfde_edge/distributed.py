@@ -32,10 +32,31 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
 
 
+_launcher_pid: int | None = None
+
+
+class LauncherGone(RuntimeError):
+    """torchrun's agent died (e.g. ``kill -9``); its workers stop instead of running on alone."""
+
+
+def check_launcher(ctx: "DistContext") -> None:
+    """Stop a worker whose torchrun agent is gone.
+
+    torchrun starts each worker in a session of its own, so killing the agent leaves the
+    workers training (and writing checkpoints) as orphans; a ``--resume`` started then would
+    be a second writer on the same run folder. Called every step: one getppid() call.
+    """
+    if ctx.enabled and _launcher_pid is not None and os.getppid() != _launcher_pid:
+        raise LauncherGone(f"rank {ctx.rank}: the torchrun launcher (pid {_launcher_pid}) is gone; "
+                           "this worker stops. Resume with --resume (the last checkpoint is intact)")
+
+
 def init_from_env(device: torch.device) -> tuple[DistContext, torch.device]:
     """Join the process group torchrun describes; on CUDA each rank takes its local GPU."""
+    global _launcher_pid
     if not launched_by_torchrun():
         return DistContext(), device
+    _launcher_pid = os.getppid()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)

@@ -8,14 +8,14 @@ from pathlib import Path
 from .checkpoint import CheckpointError
 from .config import ConfigError, TrainConfig
 from .data import DataError
-from .distributed import shutdown
+from .distributed import LauncherGone, shutdown
 from .freezing import FreezeError
 from .models import ModelError, available_models
 from .sieve import SieveError
 from .sparsity.masks import SparsityError
 
 USER_ERRORS = (ConfigError, CheckpointError, DataError, FreezeError, ModelError, SieveError,
-               SparsityError, FloatingPointError)
+               SparsityError, FloatingPointError, LauncherGone)
 
 DST_CHOICES = ("mest", "rigl", "set", "static")
 DATASETS = ("cifar10", "cifar100", "imagefolder", "digits", "synthetic")

@@ -27,8 +27,8 @@ from .checkpoint import (CHECKPOINT_NAME, CheckpointError, load_checkpoint, save
 from .config import ConfigError, TrainConfig
 from .data import DatasetSplit, iterate_batches, load_dataset, stratified_subset
 from .freezing import Freezer, block_active_epochs, block_lr, freeze_schedule
-from .distributed import (DistContext, all_gather_rows, init_from_env, all_reduce_mean_, all_reduce_sum, barrier,
-                          gather_strings, state_hash)
+from .distributed import (DistContext, all_gather_rows, all_reduce_mean_, all_reduce_sum, barrier,
+                          check_launcher, gather_strings, init_from_env, state_hash)
 from .models import BlockModel, create_model
 from .sieve import DataSieve
 from .sparsity.dst import UpdateSchedule, dense_gradient, get_algorithm
@@ -209,6 +209,7 @@ class Trainer:
         bar = tqdm(batches, total=steps, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
                    dynamic_ncols=True, mininterval=1.0, disable=not self.dist.is_main)
         for step, (x, y, idx) in enumerate(bar):
+            check_launcher(self.dist)
             if len(idx) < self.dist.world_size:
                 continue  # a last global batch too small to give every rank a sample
             self._set_lrs(epoch + step / steps)
