@@ -4,13 +4,20 @@ For each model and split point k (stage k: blocks [0, k) frozen) the suffix is e
 once with ``spfde_edge.export`` (cached under ``--bundle-dir``), then:
 
 * **step**: one training step (forward + backward + SGD with momentum and weight decay) of
-  the suffix on the device runner's backend (``device_runner.backends.ort_training.
-  SuffixTrainer``: ORT on-device training + the runner's numpy SGD) against PyTorch eager
-  training of the same suffix (same weights, masks applied as ``weight * mask``, the same
-  SGD), in one process, ``torch.set_num_threads`` = ORT intra-op threads. Repetitions
-  alternate which backend goes first; the median of each is reported, and their ratio.
-* **rss**: peak RSS (VmHWM) of a device-runner process and of a PyTorch process, each in its
-  own subprocess, doing the same steps.
+  the suffix on both of the device runner's suffix backends, against PyTorch eager training
+  of the same suffix (same weights, masks applied as ``weight * mask``, the same SGD), in one
+  process, ``torch.set_num_threads`` = ORT intra-op threads:
+
+  - ``ort``: ``device_runner.backends.ort_training.SuffixTrainer`` (backend
+    "onnxruntime-training": ORT on-device training + the runner's numpy SGD);
+  - ``step``: ``device_runner.backends.onnx_step.StepGraphTrainer`` (backend "onnxruntime":
+    the bundle's ``step.onnx`` on a plain ``InferenceSession`` + the same numpy SGD).
+
+  Repetitions alternate the order of the three; the median of each is reported, with the
+  ratios ort/torch, step/torch and step/ort, and the relative difference of the first-step
+  losses on the same batch (the two device backends must agree to ~1e-6).
+* **rss**: peak RSS (VmHWM) of a process per backend (ORT training, step graph, PyTorch),
+  each in its own subprocess, doing the same steps.
 * **prefix**: forward latency of the frozen prefix on ExecuTorch (the bundle's XNNPACK
   ``.pte``), ONNX Runtime (``prefix.onnx``) and PyTorch eager, at the ``.pte``'s batch.
 
@@ -19,7 +26,10 @@ once with ``spfde_edge.export`` (cached under ``--bundle-dir``), then:
     python benchmarks/device_step.py --quick                             # smoke run, < 1 minute
                                                                          # (+ one tiny export on the first run)
 
-Ratios are device / PyTorch: below 1 the device backend is faster or smaller.
+Ratios are device / PyTorch (and step graph / ORT training): below 1 the first is faster or
+smaller. Bundles cached in ``--bundle-dir`` without ``step.onnx`` (exported before the step
+graph existed) are exported again; the export's time, and the step graph's share of it, are
+kept next to the bundle (``<bundle>.export.json``) and copied into the results.
 """
 from __future__ import annotations
 
@@ -114,24 +124,67 @@ def export_options(model: str, width: float, k: int, batch: int, out: Path):
                          num_classes=NUM_CLASSES, out=str(out), force=True)
 
 
+STEP_GRAPH_BACKEND = "onnxruntime"  # device_runner.backends.STEP_GRAPH: the step.onnx backend
+
+
+def has_step_graph(m: dict, out: Path) -> bool:
+    """Every stage of the manifest lists the step-graph backend and its step.onnx is there."""
+    for stage in m["stages"]:
+        suffix = stage.get("suffix", {})
+        step = suffix.get("step_graph")
+        if STEP_GRAPH_BACKEND not in suffix.get("backends", []) or not step or not (out / step["model"]).is_file():
+            return False
+    return True
+
+
+def export_timing(bundle: Path) -> dict | None:
+    """The export's timing as ensure_bundle recorded it (``<bundle>.export.json``), if any."""
+    path = bundle.parent / f"{bundle.name}.export.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def ensure_bundle(model: str, width: float, k: int, batch: int, bundle_dir: Path) -> Path:
-    """Export stage k of a fresh model once; later runs reuse it when the manifest matches."""
+    """Export stage k of a fresh model once; later runs reuse it when the manifest matches.
+
+    A cached bundle without ``step.onnx`` (exported before the step graph) is exported again.
+    """
     out = bundle_dir / f"{model}-w{width:g}-k{k}-b{batch}"
     manifest = out / "manifest.json"
     if manifest.is_file():
         m = json.loads(manifest.read_text())
         if (m["model"]["name"] == model and float(m["model"]["width"] or DEFAULT_WIDTHS[model]) == width
                 and [s["stage"] for s in m["stages"]] == [k] and m["batch_size"] == batch):
-            return out
+            if has_step_graph(m, out):
+                return out
+            print(f"  {out} has no step.onnx (exported before the step graph): exporting again", flush=True)
     from spfde_edge.export import export_bundle
 
     started = time.perf_counter()
-    export_bundle(export_options(model, width, k, batch, out), log=lambda line: None)
-    print(f"  exported {out} in {time.perf_counter() - started:.0f} s", flush=True)
+    marks: list[tuple[float, str]] = []  # (seconds since start, log line)
+    export_bundle(export_options(model, width, k, batch, out),
+                  log=lambda line: marks.append((time.perf_counter() - started, line)))
+    total = time.perf_counter() - started
+    (bundle_dir / f"{out.name}.npz").unlink(missing_ok=True)  # measure_stage's state of the old export
+    timing = {"bundle": out.name, "model": model, "width": width, "k": k, "batch_size": batch,
+              "export_s": total, "step_graph_s": step_graph_seconds(marks),
+              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_avg": os.getloadavg()}
+    (bundle_dir / f"{out.name}.export.json").write_text(json.dumps(timing, indent=1))
+    share = "?" if timing["step_graph_s"] is None else f"{timing['step_graph_s']:.0f}"
+    print(f"  exported {out} in {total:.0f} s (step.onnx export + check: {share} s)", flush=True)
     return out
 
 
-# --- the two training backends ----------------------------------------------------------------
+def step_graph_seconds(marks: list[tuple[float, str]]) -> float | None:
+    """Seconds from the exporter's "standard-ONNX training step" line to the stage's "parity ok"
+    line: exporting step.onnx and checking it (against float64 PyTorch and ORT training)."""
+    begun = [t for t, line in marks if "standard-ONNX training step" in line]
+    done = [t for t, line in marks if "parity ok" in line]
+    if not begun or not done or done[-1] < begun[-1]:
+        return None
+    return done[-1] - begun[-1]
+
+
+# --- the training backends: two device, one PyTorch -----------------------------------------
 
 class DeviceStep:
     """The device runner's step: ORT train_step (incl. running statistics) + numpy SGD."""
@@ -139,23 +192,44 @@ class DeviceStep:
     name = "ort"
 
     def __init__(self, stage, num_blocks: int, threads: int, lr: float, momentum: float, weight_decay: float):
-        from device_runner.backends.ort_training import SuffixTrainer
-
-        self.trainer = SuffixTrainer(stage, threads)
+        self.trainer = self.make_trainer(stage, threads)
         self.lr_of_block = {i: lr for i in range(stage.k, num_blocks)}
         self.momentum, self.weight_decay = momentum, weight_decay
         self.sgd_s: list[float] = []  # seconds of the numpy SGD part of each step
+        self.losses: list[float] = []
+
+    @staticmethod
+    def make_trainer(stage, threads: int):
+        from device_runner.backends.ort_training import SuffixTrainer
+
+        return SuffixTrainer(stage, threads)
 
     def step(self, features: np.ndarray, labels: np.ndarray) -> float:
         loss, _ = self.trainer.train_step(features, labels)
         started = time.perf_counter()
         self.trainer.sgd_step(self.lr_of_block, self.momentum, self.weight_decay)
         self.sgd_s.append(time.perf_counter() - started)
+        self.losses.append(loss)
         return loss
 
     def state(self) -> dict[str, np.ndarray]:
         """Every checkpoint tensor (parameters, masks, running statistics) by name."""
         return {n: self.trainer.get_parameter(n) for n in self.trainer.parameter_names()}
+
+
+class StepGraphStep(DeviceStep):
+    """The device runner's other backend: ``step.onnx`` on plain onnxruntime + the same numpy SGD."""
+
+    name = "step"
+
+    @staticmethod
+    def make_trainer(stage, threads: int):
+        from device_runner.backends.onnx_step import StepGraphTrainer
+
+        return StepGraphTrainer(stage, threads)
+
+
+DEVICE_BACKENDS = {"ort": DeviceStep, "step": StepGraphStep}
 
 
 class TorchStep:
@@ -259,14 +333,14 @@ def _peak_rss_mb() -> float:
 
 
 def run_worker(spec: dict) -> dict:
-    """One RSS subprocess: load the backend, take the steps, report RSS. No torch for 'ort'."""
+    """One RSS subprocess: load the backend, take the steps, report RSS. No torch for 'ort'/'step'."""
     from device_runner.bundle import load_bundle
 
     stage = load_bundle(spec["bundle"], verify=False).stages[0]
     features, labels = batch(stage, spec["batch_size"], seed=1)
-    if spec["backend"] == "ort":
-        backend = DeviceStep(stage, spec["num_blocks"], spec["threads"], spec["lr"], spec["momentum"],
-                             spec["weight_decay"])
+    if spec["backend"] in DEVICE_BACKENDS:
+        backend = DEVICE_BACKENDS[spec["backend"]](stage, spec["num_blocks"], spec["threads"], spec["lr"],
+                                                   spec["momentum"], spec["weight_decay"])
     else:
         import torch
 
@@ -358,27 +432,42 @@ def measure_stage(args, model: str, width: float, k: int, num_blocks: int, bundl
     hyper = dict(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     step_rows, rss_rows = [], []
     for batch_size in args.batch_sizes:
-        # Fresh backends from the same checkpoint at every batch size: equal starting weights.
+        # Fresh backends from the same bundle at every batch size: equal starting weights.
         device = DeviceStep(stage, num_blocks, args.threads, **hyper)
+        graph = StepGraphStep(stage, num_blocks, args.threads, **hyper)
         state = device.state()
         torch_step = TorchStep(model, width, k, state, dict(stage.masks), **hyper)
         features, labels = batch(stage, batch_size, seed=batch_size)
-        loss_ort, loss_torch = device.step(features, labels), torch_step.step(features, labels)
-        times = time_interleaved([device, torch_step], features, labels, args.reps, args.warmup)
-        ort_ms = 1e3 * statistics.median(times["ort"])
-        torch_ms = 1e3 * statistics.median(times["torch"])
+        loss_ort, loss_step = device.step(features, labels), graph.step(features, labels)
+        loss_torch = torch_step.step(features, labels)
+        times = time_interleaved([device, graph, torch_step], features, labels, args.reps, args.warmup)
+        ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
         step_rows.append({
             "model": model, "width": width, "k": k, "trained_blocks": num_blocks - k, "batch_size": batch_size,
-            "ort_ms": ort_ms, "torch_ms": torch_ms, "ratio": ort_ms / torch_ms,
-            # The runner's numpy SGD inside the device step (the rest is ORT's train_step).
+            "ort_ms": ms["ort"], "step_ms": ms["step"], "torch_ms": ms["torch"],
+            "ratio": ms["ort"] / ms["torch"],             # ORT training / PyTorch
+            "step_ratio": ms["step"] / ms["torch"],       # step graph / PyTorch
+            "step_vs_ort": ms["step"] / ms["ort"],        # step graph / ORT training
+            # The runner's numpy SGD inside each device step (the rest is the ORT session).
             "ort_sgd_ms": 1e3 * statistics.median(device.sgd_s[-args.reps:]),
-            "ort_samples_per_s": 1e3 * batch_size / ort_ms, "torch_samples_per_s": 1e3 * batch_size / torch_ms,
-            "ort_ms_all": [1e3 * t for t in times["ort"]], "torch_ms_all": [1e3 * t for t in times["torch"]],
+            "step_sgd_ms": 1e3 * statistics.median(graph.sgd_s[-args.reps:]),
+            "ort_samples_per_s": 1e3 * batch_size / ms["ort"], "step_samples_per_s": 1e3 * batch_size / ms["step"],
+            "torch_samples_per_s": 1e3 * batch_size / ms["torch"],
+            "ort_ms_all": [1e3 * t for t in times["ort"]], "step_ms_all": [1e3 * t for t in times["step"]],
+            "torch_ms_all": [1e3 * t for t in times["torch"]],
             # Same weights and batch: the first losses must agree, or the comparison is unfair.
+            "first_step_loss": {"ort": loss_ort, "step": loss_step, "torch": loss_torch},
             "first_step_loss_rel": abs(loss_ort - loss_torch) / max(abs(loss_torch), 1e-12),
+            "step_first_step_loss_rel": abs(loss_step - loss_torch) / max(abs(loss_torch), 1e-12),
+            # The two device backends: same batch, same numpy SGD, so the same loss at every step.
+            "step_vs_ort_loss_rel": abs(loss_step - loss_ort) / max(abs(loss_ort), 1e-12),
+            "steps_taken": len(device.losses),
+            "step_vs_ort_last_loss_rel": abs(graph.losses[-1] - device.losses[-1]) / max(abs(device.losses[-1]), 1e-12),
         })
-        del device, torch_step
-        print(f"  batch {batch_size}: device {ort_ms:.1f} ms, torch {torch_ms:.1f} ms", flush=True)
+        del device, graph, torch_step
+        print(f"  batch {batch_size}: ort training {ms['ort']:.1f} ms, step graph {ms['step']:.1f} ms, "
+              f"torch {ms['torch']:.1f} ms; step/ort loss rel {step_rows[-1]['step_vs_ort_loss_rel']:.1e}",
+              flush=True)
         if not args.no_rss:
             state_path = state_dir / f"{bundle.name}.npz"
             if not state_path.is_file():
@@ -386,14 +475,19 @@ def measure_stage(args, model: str, width: float, k: int, num_blocks: int, bundl
             spec = {"bundle": str(bundle), "model": model, "width": width, "num_blocks": num_blocks,
                     "batch_size": batch_size, "threads": args.threads, "steps": args.rss_steps,
                     "state": str(state_path), **hyper}
-            ort = measure_rss({**spec, "backend": "ort"})
-            pt = measure_rss({**spec, "backend": "torch"})
+            rss = {name: measure_rss({**spec, "backend": name}) for name in ("ort", "step", "torch")}
+            ort, step, pt = rss["ort"], rss["step"], rss["torch"]
             rss_rows.append({"model": model, "width": width, "k": k, "batch_size": batch_size,
                              "steps": args.rss_steps,
-                             "ort_peak_mb": ort["peak_rss_mb"], "torch_peak_mb": pt["peak_rss_mb"],
+                             "ort_peak_mb": ort["peak_rss_mb"], "step_peak_mb": step["peak_rss_mb"],
+                             "torch_peak_mb": pt["peak_rss_mb"],
                              "ratio": ort["peak_rss_mb"] / pt["peak_rss_mb"],
-                             "ort_loaded_mb": ort["loaded_rss_mb"], "torch_loaded_mb": pt["loaded_rss_mb"],
-                             "ort_process_imported_torch": ort["torch_imported"]})
+                             "step_ratio": step["peak_rss_mb"] / pt["peak_rss_mb"],
+                             "step_vs_ort": step["peak_rss_mb"] / ort["peak_rss_mb"],
+                             "ort_loaded_mb": ort["loaded_rss_mb"], "step_loaded_mb": step["loaded_rss_mb"],
+                             "torch_loaded_mb": pt["loaded_rss_mb"],
+                             "ort_process_imported_torch": ort["torch_imported"],
+                             "step_process_imported_torch": step["torch_imported"]})
     prefix = None if args.no_prefix else prefix_latency(model, width, k, bundle, stage, args.threads,
                                                         args.prefix_reps)
     return {"step": step_rows, "rss": rss_rows, "prefix": prefix}
@@ -409,19 +503,28 @@ def format_table(headers: list[str], rows: list[list]) -> str:
 
 
 def tables(result: dict) -> str:
-    parts = ["training step, ms (median), device = ORT training + numpy SGD, ratio = device / PyTorch",
-             format_table(["model", "k", "trained", "batch", "device ms", "torch ms", "ratio", "dev smp/s",
-                           "torch smp/s", "dev sgd ms"],
+    nan = float("nan")
+    parts = ["training step, ms (median); ort = ORT training + numpy SGD, step = step.onnx on plain "
+             "onnxruntime + numpy SGD; loss rel = |first-step loss step - ort| / ort",
+             format_table(["model", "k", "trained", "batch", "ort ms", "step ms", "torch ms", "ort/torch",
+                           "step/torch", "step/ort", "ort sgd", "step sgd", "loss rel"],
                           [[f"{r['model']}x{r['width']:g}", r["k"], r["trained_blocks"], r["batch_size"],
-                            r["ort_ms"], r["torch_ms"], r["ratio"], r["ort_samples_per_s"],
-                            r["torch_samples_per_s"], r.get("ort_sgd_ms", float("nan"))] for r in result["step"]])]
+                            r["ort_ms"], r.get("step_ms", nan), r["torch_ms"], r["ratio"], r.get("step_ratio", nan),
+                            r.get("step_vs_ort", nan), r.get("ort_sgd_ms", nan), r.get("step_sgd_ms", nan),
+                            f"{r.get('step_vs_ort_loss_rel', nan):.1e}"] for r in result["step"]])]
     if result["rss"]:
         parts += ["", f"peak RSS of a process doing the steps, MB (VmHWM); loaded = RSS before the first step",
-                  format_table(["model", "k", "batch", "device MB", "torch MB", "ratio", "dev loaded",
-                                "torch loaded"],
+                  format_table(["model", "k", "batch", "ort MB", "step MB", "torch MB", "ort/torch", "step/torch",
+                                "step/ort", "ort loaded", "step loaded", "torch loaded"],
                                [[f"{r['model']}x{r['width']:g}", r["k"], r["batch_size"], r["ort_peak_mb"],
-                                 r["torch_peak_mb"], r["ratio"], r["ort_loaded_mb"], r["torch_loaded_mb"]]
-                                for r in result["rss"]])]
+                                 r.get("step_peak_mb", nan), r["torch_peak_mb"], r["ratio"], r.get("step_ratio", nan),
+                                 r.get("step_vs_ort", nan), r["ort_loaded_mb"], r.get("step_loaded_mb", nan),
+                                 r["torch_loaded_mb"]] for r in result["rss"]])]
+    if result.get("exports"):
+        parts += ["", "bundle export, s (step graph = exporting + checking step.onnx)",
+                  format_table(["bundle", "export s", "step graph s", "load avg"],
+                               [[r["bundle"], r["export_s"], r["step_graph_s"] if r["step_graph_s"] is not None
+                                 else nan, f"{r['load_avg'][0]:.1f}"] for r in result["exports"]])]
     if result["prefix"]:
         parts += ["", "prefix forward, ms (median), at the .pte's batch",
                   format_table(["model", "k", "batch", "executorch", "onnxruntime", "torch", "et/torch",
@@ -446,7 +549,7 @@ def main(argv=None) -> dict:
     result = {"benchmark": "device_step", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "command": " ".join(["python benchmarks/device_step.py", *(sys.argv[1:] if argv is None else argv)]),
               "config": {k: v for k, v in vars(args).items() if k != "worker"}, "machine": machine(),
-              "step": [], "rss": [], "prefix": []}
+              "step": [], "rss": [], "prefix": [], "exports": []}
     for model in args.models:
         width = args.widths[model]
         num_blocks = num_blocks_of(model, width)
@@ -454,6 +557,9 @@ def main(argv=None) -> dict:
             k = split_point(spec, num_blocks)
             print(f"{model} x{width:g}: stage {k} of {num_blocks} blocks", flush=True)
             bundle = ensure_bundle(model, width, k, args.export_batch, bundle_dir)
+            timing = export_timing(bundle)
+            if timing:
+                result["exports"].append(timing)
             part = measure_stage(args, model, width, k, num_blocks, bundle, bundle_dir)
             result["step"] += part["step"]
             result["rss"] += part["rss"]

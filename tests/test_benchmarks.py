@@ -25,3 +25,34 @@ def test_accuracy_vs_cost_quick(tmp_path, capsys):
     assert rows["spfde-20+20"]["sieve_reduction"] == pytest.approx(0.2, abs=0.02)
     assert json.loads((tmp_path / "results.json").read_text())["table"] == result["table"]
     assert "spfde-20+20" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_wall_vs_flops_quick(tmp_path, capsys):
+    result = load("wall_vs_flops").main(["--quick", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "results.json").read_text())["table"] == result["table"]
+    rows = result["table"]
+    freeze = sorted((r for r in rows if r["kind"] == "freeze"), key=lambda r: r["num_frozen"])
+    base = freeze[0]
+    assert base["num_frozen"] == 0 and base["sieve"] == 0
+    assert base["cpu_ratio"] == 1.0 and base["wall_ratio"] == 1.0 and base["flops_ratio_sparse"] == 1.0 and base["flops_ratio_dense"] == 1.0
+    assert len(freeze) >= 3 and freeze[-1]["num_frozen"] == result["num_blocks"] - 1
+    for count in ("sparse", "dense"):  # freezing more blocks always saves FLOPs
+        per_sample = [r[f"train_flops_per_sample_{count}"] for r in freeze]
+        assert all(a > b for a, b in zip(per_sample, per_sample[1:]))
+        # the frozen prefix still runs forward (a third of training at most), so k = n - 1 keeps more
+        assert freeze[-1][f"flops_ratio_{count}"] > 1 / 3
+    for r in rows:
+        for clock in ("cpu", "wall"):
+            assert r[f"{clock}_ratio"] > 0 and r[f"{clock}_ratio_paired"] > 0 and r[f"{clock}_step_s"] > 0
+            assert r[f"{clock}_s_min"] <= r[f"{clock}_s_median"] <= r[f"{clock}_s_max"]
+            assert len(r[f"{clock}_s_all"]) == result["config"]["rounds"]
+        # the sparse count is never above the dense one; sieving scales samples, not per-sample FLOPs
+        assert r["train_flops_per_sample_sparse"] < r["train_flops_per_sample_dense"]
+        assert r["samples"] == round(64 * (1 - r["sieve"]))
+        assert r["epoch_flops_sparse"] == pytest.approx(r["train_flops_per_sample_sparse"] * r["samples"])
+    sieve = [r for r in rows if r["kind"] == "sieve"]
+    assert sieve and all(r["flops_ratio_sparse"] == pytest.approx(1 - r["sieve"], abs=0.01) for r in sieve)
+    assert {"cpu_freeze_vs_sparse_flops", "wall_sieve_vs_dense_flops"} <= set(result["fits"])
+    assert result["fits"]["cpu_freeze_vs_sparse_flops"]["slope"] is not None
+    assert "CPU ratio" in capsys.readouterr().out
