@@ -20,7 +20,7 @@ from ._ort import onnxruntime
 
 from ..bundle import Stage
 from ..errors import BundleError
-from .sgd import sgd_update, block_of  # noqa: F401  (block_of re-exported for the loop)
+from .sgd import block_of, sgd_update
 
 LOSS, LOGITS = "loss", "logits"
 NEW_SUFFIX, GRAD_SUFFIX = ".new", ".grad"

@@ -25,7 +25,7 @@ from ._ort import onnxruntime
 from ..bundle import Stage
 from ..errors import BundleError
 from .onnx_step import load_state_file
-from .sgd import block_of, sgd_update  # noqa: F401  (block_of re-exported for the loop)
+from .sgd import block_of, sgd_update
 
 C = onnxruntime.capi._pybind_state
 C.set_default_logger_severity(3)  # ORT warns about benign shape merges on every load
