@@ -127,12 +127,12 @@ def export_options(model: str, width: float, k: int, batch: int, out: Path):
 STEP_GRAPH_BACKEND = "onnxruntime"  # device_runner.backends.STEP_GRAPH: the step.onnx backend
 
 
-def has_step_graph(m: dict, out: Path) -> bool:
-    """Every stage of the manifest lists the step-graph backend and its step.onnx is there."""
-    for stage in m["stages"]:
-        suffix = stage.get("suffix", {})
-        step = suffix.get("step_graph")
-        if STEP_GRAPH_BACKEND not in suffix.get("backends", []) or not step or not (out / step["model"]).is_file():
+def has_step_graph(manifest, out: Path) -> bool:
+    """Every stage of the manifest (a device_runner Manifest) lists the step-graph backend and
+    its step.onnx is there."""
+    for stage in manifest.stages:
+        step = stage.suffix.step_graph
+        if STEP_GRAPH_BACKEND not in stage.suffix.backends or step is None or not (out / step.model).is_file():
             return False
     return True
 
@@ -148,15 +148,21 @@ def ensure_bundle(model: str, width: float, k: int, batch: int, bundle_dir: Path
 
     A cached bundle without ``step.onnx`` (exported before the step graph) is exported again.
     """
+    from device_runner.errors import BundleError
+    from device_runner.manifest import read_manifest
+
     out = bundle_dir / f"{model}-w{width:g}-k{k}-b{batch}"
-    manifest = out / "manifest.json"
-    if manifest.is_file():
-        m = json.loads(manifest.read_text())
-        if (m["model"]["name"] == model and float(m["model"]["width"] or DEFAULT_WIDTHS[model]) == width
-                and [s["stage"] for s in m["stages"]] == [k] and m["batch_size"] == batch):
-            if has_step_graph(m, out):
-                return out
-            print(f"  {out} has no step.onnx (exported before the step graph): exporting again", flush=True)
+    try:
+        m = read_manifest(out)
+    except BundleError as exc:  # none yet, or one of an older format: export (again)
+        m = None
+        if out.exists():
+            print(f"  {out}: {exc}: exporting again", flush=True)
+    if (m is not None and m.model.name == model and float(m.model.width or DEFAULT_WIDTHS[model]) == width
+            and [s.stage for s in m.stages] == [k] and m.batch_size == batch):
+        if has_step_graph(m, out):
+            return out
+        print(f"  {out} has no step.onnx (exported before the step graph): exporting again", flush=True)
     from spfde_edge.export import export_bundle
 
     started = time.perf_counter()
@@ -273,12 +279,9 @@ class TorchStep:
                 module.forward = lambda x, m=module: m._conv_forward(x, m.weight * m.weight_mask, m.bias)
             else:
                 module.forward = lambda x, m=module: F.linear(x, m.weight * m.weight_mask, m.bias)
-        # The runner decays weights (ndim > 1) only, not biases or BatchNorm affine.
-        params = list(self.suffix.parameters())
-        self.optimizer = torch.optim.SGD(
-            [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
-             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
-            lr=lr, momentum=momentum)
+        # The host trainer's optimizer, whose rule the device's SGD step shares (method/sgd.py).
+        self.optimizer = torch.optim.SGD(self.suffix.parameters(), lr=lr, momentum=momentum,
+                                         weight_decay=weight_decay)
 
     def step(self, features: np.ndarray, labels: np.ndarray) -> float:
         x, y = self.torch.from_numpy(features), self.torch.from_numpy(labels)
@@ -372,7 +375,7 @@ def prefix_latency(model: str, width: float, k: int, bundle: Path, stage, thread
 
     from device_runner.backends.executorch_prefix import ExecuTorchPrefix
     from device_runner.backends.ort_prefix import OrtPrefix
-    from spfde_edge.export.bundle import load_source
+    from spfde_edge.export import load_source
     from spfde_edge.export.prefix import baked_prefix
 
     batch_size = stage.pte_batch_size

@@ -77,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         return report_main(argv[1:])
     args = build_parser().parse_args(argv)
     from .errors import DeviceRunnerError
-    from .loop import RunConfig, dry_run, resume, start
+    from .loop import dry_run, resume, start
     from .report import table
+    from .run_config import RunConfig
 
     try:
         if args.resume:

@@ -7,6 +7,7 @@ a pure function of measured peaks at two batch sizes.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -87,3 +88,58 @@ def plan_batch(peaks: dict[int, float], budget_mb: float, headroom: float, max_b
     reason = (f"largest batch <= {max_batch} with predicted peak <= {usable:.0f} MB "
               f"({budget_mb:.0f} MB budget, {headroom:.0%} headroom)")
     return BatchPlan(best, base + slope * best, base, slope, budget_mb, reason)
+
+
+def probe_batch_sizes(max_batch: int) -> list[int]:
+    """The two batch sizes whose measured peaks :func:`plan_batch` draws its line through."""
+    return sorted({1 if max_batch < 4 else 2, min(max_batch, 8)})
+
+
+def measure_step_peak_mb(trainer, features_of, labels, indices, momentum: float, weight_decay: float,
+                         steps: int = 1) -> float:
+    """Peak RSS (MB) of prefix + train step + SGD on ``indices``; the trainer's weights and
+    momentum are restored after, so planning leaves no trace in the run.
+
+    ``features_of(indices)`` runs the prefix without the feature cache (the worst case).
+    """
+    saved = {n: trainer.get_parameter(n) for n in trainer.parameter_names()}
+    saved_momentum = copy.deepcopy(trainer.momentum_buffers)
+    reset_peak()
+    for _ in range(steps):
+        trainer.train_step(features_of(indices), labels[indices])
+        trainer.sgd_step({}, momentum, weight_decay)
+    peak = peak_rss_mb()
+    for name, value in saved.items():
+        trainer.set_parameter(name, value)
+    trainer.momentum_buffers = saved_momentum
+    return peak
+
+
+def plan_with_cache(peaks: dict[int, float], budget_mb: float, headroom: float, max_batch: int,
+                    cache_mb: float) -> tuple[BatchPlan, bool]:
+    """The batch plan with ``cache_mb`` of feature cache beside training, or, when only training
+    fits, the plan without it and False (the caller drops the cache)."""
+    try:
+        return plan_batch(peaks, budget_mb, headroom, max_batch, cache_mb), True
+    except BudgetError:
+        if not cache_mb:
+            raise
+        return plan_batch(peaks, budget_mb, headroom, max_batch, 0.0), False
+
+
+def check_forced_batch(plan: BatchPlan, forced_batch: int | None) -> None:
+    """BudgetError when ``--batch-size`` asks for more than the memory budget allows."""
+    if forced_batch is not None and plan.batch_size < forced_batch:
+        raise BudgetError(f"--batch-size {forced_batch} is predicted to need "
+                          f"{plan.base_mb + plan.per_sample_mb * forced_batch:.0f} MB; the "
+                          f"memory budget allows batch {plan.batch_size}; drop --batch-size or raise "
+                          "budgets.memory_mb")
+
+
+def plan_record(plan: BatchPlan, peaks: dict[int, float], cache_mb: float) -> dict:
+    """The plan as stored in checkpoints and report.json (``plan``)."""
+    return {"batch_size": plan.batch_size, "predicted_peak_mb": round(plan.predicted_peak_mb, 1),
+            "base_mb": round(plan.base_mb, 1), "per_sample_mb": round(plan.per_sample_mb, 3),
+            "measured_peaks_mb": {str(b): round(p, 1) for b, p in peaks.items()},
+            "budget_mb": plan.budget_mb, "reason": plan.reason,
+            "cache_planned_mb": round(cache_mb, 1)}

@@ -23,34 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from .errors import RunError
+from .files import atomic_write_text, fsync_dir, fsync_file
 
-STATE_VERSION = 2  # 2: suffix state as npz, readable by every backend
+STATE_VERSION = 3  # 2: suffix state as npz, readable by every backend; 3: MEST targets, epoch-start record
 POINTER = "checkpoint.json"
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        _fsync_file(path)
-    except OSError:  # some filesystems refuse directory fsync
-        pass
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _serial(out: Path) -> int:
@@ -75,12 +51,12 @@ def write(out: Path, meta: dict, arrays: dict[str, np.ndarray], save_suffix) -> 
     np.savez(tmp / "state.npz", **arrays)
     (tmp / "state.json").write_text(json.dumps(meta))
     for name in (SUFFIX_STATE, "state.npz", "state.json"):
-        _fsync_file(tmp / name)
+        fsync_file(tmp / name)
     final = folder / f"ckpt-{serial:06d}"
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     atomic_write_text(out / POINTER, json.dumps({"serial": serial, "folder": str(final.relative_to(out)),
                                                   "epoch": meta["epoch"], "position": meta["position"]}))
     for old in folder.iterdir():

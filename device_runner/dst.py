@@ -1,81 +1,84 @@
-"""Dynamic sparse training on the device: prune-and-grow by editing the training state.
+"""Prune-and-grow on the device: the shared rules (``method.dst``) applied to a suffix backend.
 
-Masks are non-trainable checkpoint parameters (``<weight>_mask``, float32, 1 = active)
-that the graph multiplies into the weights, so changing a mask needs no re-export. Each
-update, per masked layer, prunes the ``n`` active weights with the smallest score and grows
-``n`` positions that were inactive before the update, so every layer keeps exactly its
-number of active weights (sparsity is exact). A grown weight starts at zero with zero
-momentum (RigL, MEST). Scores: ``set`` |w|; ``mest`` |w| + λ|g| with the last step's
-gradient. RigL needs dense gradients of masked weights, which the masked graph does not
-produce, so ``rigl`` bundles are updated as ``set`` on the device (reported).
-
-Pure functions on numpy arrays; the loop passes a ``numpy.random.Generator``.
+Masks are non-trainable parameters of the suffix (``<weight>_mask``, 1 = active) that the
+training graphs multiply into the weights, so changing a mask needs no re-export. At an
+update epoch the loop calls :func:`begin_update` before its first step and
+:func:`end_update` after its last, exactly where the host trainer calls its hooks: MEST
+grows at the start and prunes |w| + λ|g| back to each layer's target count at the end;
+SET and RigL swap at the start. RigL's dense gradient comes from one extra batch with
+every mask opened (:func:`dense_gradients`), as on the host.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-DEVICE_ALGORITHMS = {"set": "set", "mest": "mest", "rigl": "set", "static": "static"}
+from .method import dst as rules
 
 
-def update_fraction(base: float, epoch: int, end_epoch: int) -> float:
-    """Cosine-decayed fraction of active weights exchanged at ``epoch`` (RigL's schedule)."""
-    if end_epoch <= 0 or epoch >= end_epoch:
-        return 0.0
-    return base * 0.5 * (1.0 + math.cos(math.pi * epoch / end_epoch))
+def target_zeros(trainer) -> dict[str, int]:
+    """Each masked weight's exact number of inactive positions (its sparsity target)."""
+    return {weight: int(np.count_nonzero(trainer.get_parameter(mask) < 0.5))
+            for mask, weight in trainer.stage.masks}
 
 
-def prune_and_grow(weight: np.ndarray, mask: np.ndarray, fraction: float, rng: np.random.Generator,
-                   grad: np.ndarray | None = None, lam: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """New ``(weight, mask, grown)`` for one layer; ``grown`` is a bool array of regrown positions.
+def dense_gradients(trainer, features: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Gradient of each effective weight ``w * mask`` at every position, on one batch.
 
-    The number of active positions is unchanged. Pruned weights become zero.
+    With every mask set to 1 the forward pass is unchanged (inactive weights are exactly
+    zero) and the weight gradient is the dense one. Masks, BatchNorm statistics and the
+    last step's gradients are restored, so this batch leaves no trace on training.
     """
-    flat_mask = mask.reshape(-1) > 0.5
-    active = np.flatnonzero(flat_mask)
-    inactive = np.flatnonzero(~flat_mask)
-    count = min(int(round(fraction * active.size)), inactive.size)
-    new_weight = weight.reshape(-1).copy()
-    new_mask = flat_mask.copy()
-    grown = np.zeros_like(flat_mask)
-    if count > 0:
-        score = np.abs(new_weight[active])
-        if grad is not None:
-            score = score + lam * np.abs(grad.reshape(-1)[active])
-        # Random tie-break so layers full of equal scores do not always prune the same rows.
-        order = np.lexsort((rng.random(active.size), score))
-        pruned = active[order[:count]]
-        regrow = rng.choice(inactive, size=count, replace=False)
-        new_mask[pruned] = False
-        new_weight[pruned] = 0.0
-        new_mask[regrow] = True
-        new_weight[regrow] = 0.0
-        grown[regrow] = True
-    return (new_weight.reshape(weight.shape), new_mask.reshape(mask.shape).astype(mask.dtype),
-            grown.reshape(mask.shape))
+    state_names = [n for n in trainer.parameter_names() if n not in set(trainer.trainable)]
+    saved = {n: trainer.get_parameter(n) for n in state_names}
+    saved_grads = {w: trainer.gradient(w) for _, w in trainer.stage.masks}
+    try:
+        for mask, _ in trainer.stage.masks:
+            trainer.set_parameter(mask, np.ones_like(saved[mask]))
+        trainer.train_step(features, labels)
+        return {w: trainer.gradient(w) for _, w in trainer.stage.masks}
+    finally:
+        for name, value in saved.items():
+            trainer.set_parameter(name, value)
 
 
-def apply_update(trainer, fraction: float, rng: np.random.Generator, algorithm: str = "set",
-                 lam: float = 1.0) -> dict:
-    """Prune-and-grow every masked layer of ``trainer``'s suffix; returns counts per layer."""
-    kind = DEVICE_ALGORITHMS.get(algorithm, "set")
-    changed = {}
-    if kind == "static" or fraction <= 0:
-        return changed
+def _layers(trainer, targets: dict[str, int], dense: dict[str, np.ndarray] | None):
     for mask_name, weight_name in trainer.stage.masks:
-        weight = trainer.get_parameter(weight_name)
-        mask = trainer.get_parameter(mask_name)
-        grad = trainer.gradient(weight_name) if kind == "mest" else None
-        new_weight, new_mask, grown = prune_and_grow(weight, mask, fraction, rng, grad, lam)
-        trainer.set_parameter(weight_name, new_weight)
-        trainer.set_parameter(mask_name, new_mask)
-        buffer = trainer.momentum_buffers.get(weight_name)
-        if buffer is not None:
-            buffer[grown] = 0.0
-            buffer[new_mask < 0.5] = 0.0
-        changed[weight_name] = int(grown.sum())
+        yield mask_name, rules.Layer(weight_name, trainer.get_parameter(weight_name),
+                                     trainer.get_parameter(mask_name) > 0.5, targets[weight_name],
+                                     grad=trainer.gradient(weight_name),
+                                     dense_grad=None if dense is None else dense[weight_name])
+
+
+def _apply(trainer, mask_name: str, layer: rules.Layer, change: rules.LayerChange) -> None:
+    """New mask; weight and momentum restart at zero where the rule says."""
+    weight = layer.weight
+    weight[change.reset] = 0.0
+    trainer.set_parameter(layer.name, weight)
+    trainer.set_parameter(mask_name, change.mask)
+    buffer = trainer.momentum_buffers.get(layer.name)
+    if buffer is not None:
+        buffer[change.reset] = 0.0
+
+
+def begin_update(trainer, algorithm: rules.Algorithm, fraction: float, rng: np.random.Generator,
+                 targets: dict[str, int], dense: dict[str, np.ndarray] | None = None) -> dict[str, int]:
+    """The start-of-epoch hook on every masked layer of the suffix; weights grown per layer."""
+    return _run(trainer, algorithm.begin, fraction, rng, targets, dense)
+
+
+def end_update(trainer, algorithm: rules.Algorithm, fraction: float, rng: np.random.Generator,
+               targets: dict[str, int]) -> dict[str, int]:
+    """The end-of-epoch hook (MEST prunes back to target); weights pruned per layer."""
+    return _run(trainer, algorithm.end, fraction, rng, targets, None)
+
+
+def _run(trainer, hook, fraction, rng, targets, dense) -> dict[str, int]:
+    changed = {}
+    for mask_name, layer in _layers(trainer, targets, dense):
+        change = hook(layer, fraction, rng)
+        if change is not None:
+            _apply(trainer, mask_name, layer, change)
+            changed[layer.name] = change.swapped
     return changed
 
 

@@ -1,7 +1,7 @@
 """Board profiles (``profiles/*.yaml``): facts about a board and the budgets of a run.
 
 Validated against ``profiles/schema.json`` by the small checker below (the subset of JSON
-Schema that file uses), so a device needs no jsonschema package and errors name the field.
+Schema that file uses), whose messages name the field and the board profile to fix.
 """
 from __future__ import annotations
 

@@ -6,15 +6,17 @@ import json
 import platform
 from pathlib import Path
 
-from .checkpoint import atomic_write_text
+from .files import atomic_write_text
 from .errors import RunError
+from .stage_stats import summarise_stages
 
 
 def build_report(runner) -> dict:
     from . import __version__
     import onnxruntime
 
-    stages = runner._stage_summaries()
+    stages = summarise_stages(runner.stage_profiles, runner.meter.measured)
+    pipeline = runner.pipeline
     final = runner.history[-1] if runner.history else None
     saved = sum(s["cache"]["saved_s"] or 0.0 for s in stages)
     compute = sum((s["samples"] / s["samples_per_s"]) for s in stages if s["samples_per_s"])
@@ -23,17 +25,22 @@ def build_report(runner) -> dict:
         "config": runner.config.to_dict(),
         "profile": runner.profile.to_dict(),
         "bundle": {"root": str(runner.bundle.root), "model": runner.bundle.model_name,
-                   "stages": [s.k for s in runner.bundle.stages], "batch_size": runner.bundle.manifest.get("batch_size")},
-        "backends": {"prefix": runner.prefix.name if runner.prefix else None,
-                     "prefix_choice": getattr(runner, "prefix_choice", None),
+                   "stages": [s.k for s in runner.bundle.stages], "batch_size": runner.bundle.manifest.batch_size},
+        "backends": {"prefix": pipeline.prefix.name if pipeline is not None else None,
+                     "prefix_choice": pipeline.prefix_choice if pipeline is not None else None,
                      "suffix": f"{runner.trainer.name if runner.trainer else None}, SGD with momentum in numpy",
                      "suffix_choice": getattr(runner, "suffix_choice", None),
                      "onnxruntime": onnxruntime.__version__},
         "data": {"source": runner.data.source, "samples": len(runner.data), "train": int(runner.train_idx.size),
                  "val": int(runner.val_idx.size), "skipped_unreadable": len(runner.data.skipped),
                  "skipped_examples": runner.data.skipped[:10]},
-        "schedule": {"stage_starts": runner.starts, "delta_tau": runner.delta_tau, "base_lr": runner.base_lr,
-                     "lr_scale": runner.lr_scale, "dst": runner.dst_algorithm,
+        "schedule": {"stage_starts": runner.starts, "delta_tau": runner.delta_tau,
+                     "base_lr": runner.schedule.base_lr, "lr_scale": runner.lr_scale,
+                     "plan_epochs": {"start": runner.schedule.plan.clock.start,
+                                     "per_device_epoch": runner.schedule.plan.clock.scale,
+                                     "end": runner.schedule.plan.end_epoch,
+                                     "fine_tune": runner.schedule.plan.fine_tune},
+                     "dst": runner.algorithm.name,
                      "sieve_removed_fraction": runner.sieve.removed_fraction},
         "plan": runner.plan,
         "accuracy": {"before": runner.initial_eval["val_acc"] if runner.initial_eval else None,
@@ -43,7 +50,7 @@ def build_report(runner) -> dict:
         "memory_budget_mb": runner.profile.memory_mb,
         "energy": {"joules": round(runner.meter.joules, 3), "budget_j": runner.profile.energy_j,
                    "source": runner.meter.source, "measured": runner.meter.measured},
-        "cache": {"location": runner.cache.location if runner.cache else None, "saved_s": round(saved, 3),
+        "cache": {"location": pipeline.cache.location if pipeline is not None else None, "saved_s": round(saved, 3),
                   "speedup": (compute + saved) / compute if compute and saved else None},
         "stages": stages,
         "history": runner.history,

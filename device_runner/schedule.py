@@ -1,21 +1,50 @@
-"""The SpFDE schedule on the device, as pure functions of the manifest and the run length.
+"""A device run's place in the host's SpFDE plan: which stage trains when, Δτ, LR and DST.
 
-The host plan is in host epochs (``spfde.epochs``, ``epochs_done``, freeze epochs, Δτ). The
-device runs ``epochs`` epochs of its own, so the rest of the host schedule is mapped
-linearly onto them; stages whose freeze epoch is not in the rest of the plan (a bundle
-exported with explicit ``--stages``) are spread evenly over the run. ``freeze_at`` (device
-epochs, one per later stage) overrides the mapping.
+The bundle carries the host plan in plan epochs (``spfde.epochs``, ``epochs_done``, the
+freeze epochs, Δτ). A device run of ``epochs`` epochs continues the rest of that plan:
+:func:`device_plan` maps its epochs linearly onto the remaining plan epochs, and the shared
+rules of ``device_runner.method.schedule`` (update epochs and fraction, per-block cosine LR)
+are evaluated at the mapped plan epoch, so the device continues the host's curves instead
+of restarting them. A plan that is already finished (a trained checkpoint exported for
+fine-tuning) gets a fresh plan over the device's own epochs at a tenth of the base LR.
 """
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from .errors import BundleError
+from .method.schedule import (PlanClock, UpdateSchedule, block_active_epochs, block_lr,
+                              is_interval_boundary)
+
+FINE_TUNE_LR_FACTOR = 0.1
 
 
-def stage_starts(stage_ks: list[int], spfde: dict, epochs: int,
-                 freeze_at: list[int] | None = None) -> list[tuple[int, int]]:
-    """``[(k, first device epoch)]`` for the bundle's stages, in order; the first starts at 0."""
+@dataclass(frozen=True)
+class DevicePlan:
+    """How the device's epochs map onto the host plan."""
+
+    clock: PlanClock
+    end_epoch: float        # plan epoch where the LR and mask-update schedules end
+    fine_tune: bool         # the host plan was finished: a fresh plan over the device run
+
+
+def device_plan(epochs_done: int, plan_epochs: int, epochs: int) -> DevicePlan:
+    if epochs_done < plan_epochs:
+        return DevicePlan(PlanClock(float(epochs_done), (plan_epochs - epochs_done) / epochs),
+                          float(plan_epochs), False)
+    return DevicePlan(PlanClock(0.0, 1.0), float(epochs), True)
+
+
+def stage_starts(stage_ks: Sequence[int], freeze_epochs: Sequence[int], plan: DevicePlan, epochs: int,
+                 freeze_at: Sequence[int] | None = None) -> list[tuple[int, int]]:
+    """``[(k, first device epoch)]`` for the bundle's stages, in order; the first starts at 0.
+
+    Stage k starts when the host plan freezes block k-1 (mapped to device epochs); stages
+    whose freeze epoch is not in the rest of the plan (a bundle exported with explicit
+    ``--stages``) are spread evenly over the run. ``freeze_at`` (device epochs, one per
+    later stage) overrides both.
+    """
     ks = sorted(stage_ks)
     later = ks[1:]
     if freeze_at is not None:
@@ -24,14 +53,11 @@ def stage_starts(stage_ks: list[int], spfde: dict, epochs: int,
                               f"{later}; got {list(freeze_at)}")
         starts = [int(e) for e in freeze_at]
     else:
-        done, total = int(spfde.get("epochs_done", 0)), int(spfde.get("epochs", 0))
-        freeze_epochs = list(spfde.get("freezing", {}).get("freeze_epochs", []))
-        remaining = max(1, total - done)
         starts = []
         for j, k in enumerate(later, start=1):
             host = freeze_epochs[k - 1] if k - 1 < len(freeze_epochs) else None
-            if host is not None and done < host <= total:
-                start = round((host - done) / remaining * epochs)
+            if host is not None and not plan.fine_tune and plan.clock.start < host <= plan.end_epoch:
+                start = round(plan.clock.run_epoch(host))
             else:
                 start = round(j * epochs / len(ks))
             starts.append(max(1, start))
@@ -41,7 +67,7 @@ def stage_starts(stage_ks: list[int], spfde: dict, epochs: int,
     return [(ks[0], 0)] + list(zip(later, starts))
 
 
-def stage_at(starts: list[tuple[int, int]], epoch: int) -> int:
+def stage_at(starts: Sequence[tuple[int, int]], epoch: int) -> int:
     """Position in ``starts`` of the stage that trains during ``epoch``."""
     position = 0
     for index, (_, start) in enumerate(starts):
@@ -50,32 +76,56 @@ def stage_at(starts: list[tuple[int, int]], epoch: int) -> int:
     return position
 
 
-def block_active_epochs(starts: list[tuple[int, int]], num_blocks: int, epochs: int) -> list[float]:
-    """Device epochs each block trains for: until the stage that freezes it starts, else all."""
-    active = [float(epochs)] * num_blocks
-    for k, start in starts[1:]:
-        for block in range(num_blocks):
-            if block < k and active[block] == float(epochs) and block >= starts[0][0]:
-                active[block] = float(start)
-    return active
+def block_freeze_epochs(starts: Sequence[tuple[int, int]], plan: DevicePlan) -> list[float]:
+    """Plan epoch at which each block freezes on this device run, front to back.
+
+    Blocks before the first stage are frozen from the start; the blocks ``[k_prev, k)`` freeze
+    when stage ``k`` starts. Later blocks are not listed (they train to the end).
+    """
+    frozen: list[float] = [plan.clock.start] * starts[0][0]
+    for (k_prev, _), (k, start) in zip(starts, starts[1:]):
+        frozen += [plan.clock.plan_epoch(start)] * (k - k_prev)
+    return frozen
 
 
-def block_lr(base_lr: float, epoch_float: float, active_epochs: float) -> float:
-    """Per-block cosine from ``base_lr`` to 0 at the block's freeze (SpFDE §3.2, as the host)."""
-    if active_epochs <= 0 or epoch_float >= active_epochs:
-        return 0.0
-    return 0.5 * base_lr * (1.0 + math.cos(math.pi * epoch_float / active_epochs))
+@dataclass(frozen=True)
+class DeviceSchedule:
+    """Everything time-dependent in a device run, from the shared rules."""
+
+    plan: DevicePlan
+    starts: list[tuple[int, int]]
+    delta_tau: int
+    boundary_offset: int                # the device's epoch 0 on the plan's Δτ grid
+    base_lr: float
+    active_epochs: list[float]          # per block, plan epochs
+    updates: UpdateSchedule
+
+    def is_boundary(self, epoch: int) -> bool:
+        """Sieve exchanges (and mask updates, while the plan has them) start this epoch."""
+        return is_interval_boundary(epoch, self.delta_tau, self.boundary_offset)
+
+    def lrs(self, epoch: float, scale: float = 1.0) -> dict[int, float]:
+        """Each block's learning rate at device epoch ``epoch`` (fractional within an epoch)."""
+        plan_epoch = self.plan.clock.plan_epoch(epoch)
+        return {b: scale * block_lr(self.base_lr, plan_epoch, active)
+                for b, active in enumerate(self.active_epochs)}
 
 
-def device_delta_tau(spfde: dict, epochs: int) -> int:
-    """Δτ scaled like the rest of the schedule, at least one epoch."""
-    done, total = int(spfde.get("epochs_done", 0)), int(spfde.get("epochs", 0))
-    remaining = max(1, total - done)
-    return max(1, round(int(spfde["delta_tau"]) * epochs / remaining))
+def device_schedule(*, stage_ks: Sequence[int], num_blocks: int, epochs: int, epochs_done: int,
+                    plan_epochs: int, freeze_epochs: Sequence[int], delta_tau: int, base_lr: float,
+                    update_fraction: float, lr: float | None = None, device_delta_tau: int | None = None,
+                    freeze_at: Sequence[int] | None = None) -> DeviceSchedule:
+    """The schedule of a device run of ``epochs`` epochs over a bundle's host plan.
 
-
-def default_lr(spfde: dict) -> float:
-    """The host's base LR for a fresh schedule; a tenth of it to fine-tune a finished one."""
-    base = float(spfde["lr_schedule"]["base_lr"])
-    done, total = int(spfde.get("epochs_done", 0)), int(spfde.get("epochs", 0))
-    return base if done < total else 0.1 * base
+    ``lr`` and ``device_delta_tau`` override the plan's base LR and the scaled Δτ.
+    """
+    plan = device_plan(epochs_done, plan_epochs, epochs)
+    starts = stage_starts(stage_ks, freeze_epochs, plan, epochs, freeze_at)
+    if device_delta_tau is None:
+        device_delta_tau = max(1, round(delta_tau / plan.clock.scale))
+    if lr is None:
+        lr = base_lr * (FINE_TUNE_LR_FACTOR if plan.fine_tune else 1.0)
+    offset = round(plan.clock.start / plan.clock.scale)
+    active = block_active_epochs(block_freeze_epochs(starts, plan), num_blocks, plan.end_epoch)
+    updates = UpdateSchedule(device_delta_tau, plan.end_epoch, update_fraction, plan.clock, offset)
+    return DeviceSchedule(plan, starts, device_delta_tau, offset, lr, active, updates)

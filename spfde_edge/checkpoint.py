@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
+from device_runner.files import atomic_write, atomic_write_json, atomic_write_text
+
 CHECKPOINT_FORMAT = "spfde-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: prune-and-grow draws from a saved numpy generator
+READABLE_VERSIONS = (1, 2)  # 1 still exports; resuming it is refused by the trainer
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
@@ -16,29 +18,9 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt, of another format or of another model."""
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Write through ``write(fileobj)`` into ``path.tmp``, fsync, then rename over ``path``."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def save_checkpoint(path: Path, state: dict) -> None:
     payload = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, **state}
-    atomic_write_bytes(Path(path), lambda handle: torch.save(payload, handle))
+    atomic_write(Path(path), lambda handle: torch.save(payload, handle))
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -55,18 +37,16 @@ def load_checkpoint(path: Path) -> dict:
                               "restore it from a backup or start a new run") from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an spfde-edge checkpoint")
-    if state.get("format_version") != CHECKPOINT_VERSION:
+    if state.get("format_version") not in READABLE_VERSIONS:
         raise CheckpointError(f"{path} has checkpoint format {state.get('format_version')}, "
-                              f"this spfde-edge reads {CHECKPOINT_VERSION}")
+                              f"this spfde-edge reads {', '.join(map(str, READABLE_VERSIONS))}")
     return state
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
     """Rewrite a JSON-lines file atomically from the full history (one line per record)."""
-    text = "".join(json.dumps(record) + "\n" for record in records)
-    atomic_write_bytes(Path(path), lambda handle: handle.write(text.encode()))
+    atomic_write_text(Path(path), "".join(json.dumps(record) + "\n" for record in records))
 
 
 def write_json(path: Path, data: dict) -> None:
-    text = json.dumps(data, indent=2) + "\n"
-    atomic_write_bytes(Path(path), lambda handle: handle.write(text.encode()))
+    atomic_write_json(Path(path), data)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
+
+from device_runner.files import atomic_write
 
 DEFAULT_CACHE_DIR = Path("~/.cache/spfde_edge")
 # Where cifar10/cifar100 look when no data_dir is given.
@@ -365,17 +366,8 @@ def _read_cache(path: Path) -> _Pool | None:
 def _write_cache(path: Path, pool: _Pool) -> None:
     """Write atomically: a crash mid-write leaves no half-written cache behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(
-        dir=path.parent, prefix=path.name, suffix=".tmp", delete=False
-    )
-    try:
-        with handle:
-            np.savez(handle, images=pool.images, labels=pool.labels, classes=np.array(pool.classes))
-        os.chmod(handle.name, 0o644)  # NamedTemporaryFile creates 0600; the cache is not secret
-        os.replace(handle.name, path)
-    except BaseException:
-        os.unlink(handle.name)
-        raise
+    atomic_write(path, lambda handle: np.savez(handle, images=pool.images, labels=pool.labels,
+                                               classes=np.array(pool.classes)))
 
 
 def _load_imagefolder(request: _Request) -> _Pool:

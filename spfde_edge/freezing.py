@@ -4,14 +4,17 @@ Blocks freeze front to back, one every ``delta_tau`` epochs from ``T_frz`` on: b
 frozen from epoch ``e_i = T_frz + i * delta_tau`` and from then on costs only its forward
 pass. :func:`freeze_schedule` picks ``T_frz`` and the number of frozen blocks so that the
 training-FLOPs reduction meets a target; :class:`Freezer` is the small object the trainer
-holds; :func:`block_lr` gives each block a cosine learning rate that reaches zero exactly
-when the block freezes.
+holds. Each block's cosine learning rate (:func:`block_lr`, zero from the block's freeze on)
+and the freeze-epoch arithmetic are shared with the device (``device_runner.method.schedule``).
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+
+from device_runner.method import schedule as shared
+from device_runner.method.schedule import block_lr
 
 # Plans whose reductions differ by less than this are treated as equally good; the later
 # T_frz wins because freezing later preserves accuracy.
@@ -62,7 +65,7 @@ def plan_reduction(flops_fn: Callable[[int], float], plan: FreezePlan, epochs: i
 
 
 def _num_frozen_at(plan: FreezePlan, epoch: int) -> int:
-    return sum(1 for e in plan.freeze_epochs if e <= epoch)
+    return shared.num_frozen_at(plan.freeze_epochs, epoch)
 
 
 def blockwise_flops_fn(block_train_flops: Sequence[float],
@@ -152,26 +155,14 @@ def freeze_schedule(block_train_flops: Sequence[float] | None = None,
 
 def block_active_epochs(plan: FreezePlan, num_blocks: int, epochs: int) -> list[float]:
     """Epochs each block trains for: its freeze epoch, or ``epochs`` if it never freezes."""
-    if plan.num_frozen >= num_blocks:
-        raise FreezeError(f"plan freezes {plan.num_frozen} blocks but the model has "
-                          f"{num_blocks}; the head block must stay trainable")
-    return [float(e) for e in plan.freeze_epochs] + \
-        [float(epochs)] * (num_blocks - plan.num_frozen)
+    try:
+        return shared.block_active_epochs(plan.freeze_epochs, num_blocks, epochs)
+    except shared.ScheduleError as exc:
+        raise FreezeError(str(exc)) from None
 
 
-def block_lr(base_lr: float, epoch_float: float, active_epochs: float,
-             warmup_epochs: float = 0.0) -> float:
-    """Per-block cosine learning rate that reaches 0 when the block freezes.
-
-    Linear warmup from 0 over ``warmup_epochs`` (shared by all blocks), then cosine decay
-    from ``base_lr`` to 0 over the rest of the block's active epochs ``[0, active_epochs)``.
-    """
-    if epoch_float >= active_epochs:
-        return 0.0
-    if epoch_float < warmup_epochs:
-        return base_lr * epoch_float / warmup_epochs
-    progress = (epoch_float - warmup_epochs) / (active_epochs - warmup_epochs)
-    return 0.5 * base_lr * (1.0 + math.cos(math.pi * progress))
+__all__ = ["FreezeError", "FreezePlan", "Freezer", "block_active_epochs", "block_lr", "freeze_schedule",
+           "plan_reduction"]
 
 
 class Freezer:

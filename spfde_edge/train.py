@@ -12,10 +12,11 @@ from .distributed import LauncherGone, shutdown
 from .freezing import FreezeError
 from .models import ModelError, available_models
 from .sieve import SieveError
+from .sparsity.dst import ScheduleError
 from .sparsity.masks import SparsityError
 
 USER_ERRORS = (ConfigError, CheckpointError, DataError, FreezeError, ModelError, SieveError,
-               SparsityError, FloatingPointError, LauncherGone)
+               ScheduleError, SparsityError, FloatingPointError, LauncherGone)
 
 DST_CHOICES = ("mest", "rigl", "set", "static")
 DATASETS = ("cifar10", "cifar100", "imagefolder", "digits", "synthetic")

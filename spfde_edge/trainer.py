@@ -32,6 +32,7 @@ from .distributed import (DistContext, all_gather_rows, all_reduce_mean_, all_re
 from .models import BlockModel, create_model
 from .sieve import DataSieve
 from .sparsity.dst import UpdateSchedule, dense_gradient, get_algorithm
+from device_runner.method.schedule import is_interval_boundary
 from .sparsity.masks import MaskSet
 
 METRICS_NAME = "metrics.jsonl"
@@ -86,7 +87,8 @@ class Trainer:
                                                   width=config.width, cifar_stem=config.cifar_stem)
         # Every rank draws the same streams: data order, masks and growth stay in lockstep.
         self.data_generator = torch.Generator().manual_seed(config.seed + 1)
-        self.mask_generator = torch.Generator().manual_seed(config.seed + 2)
+        self.mask_generator = torch.Generator().manual_seed(config.seed + 2)   # initial masks
+        self.growth_rng = np.random.default_rng(config.seed + 5)              # prune-and-grow
 
         size = self.data.input_size
         self.profile = cost.profile_model(self.model, (3, size, size))
@@ -195,7 +197,7 @@ class Trainer:
 
     def _dst_args(self, epoch: int, dense_grads) -> dict:
         return dict(maskset=self.masks, model=self.model, fraction=self.dst_schedule.fraction(epoch),
-                    generator=self.mask_generator, optimizer=self.optimizer,
+                    rng=self.growth_rng, optimizer=self.optimizer,
                     frozen_names=self._frozen_names(), dense_grads=dense_grads)
 
     def _train_epoch(self, epoch: int) -> EpochResult:
@@ -269,7 +271,7 @@ class Trainer:
                 dense_grads = self._dense_gradients() if config.dst == "rigl" else None
                 dense_grad_samples = config.batch_size if dense_grads is not None else 0
                 self.dst.begin_update(**self._dst_args(epoch, dense_grads))
-            sieve_update = config.sieve > 0 and epoch > 0 and epoch % config.delta_tau == 0
+            sieve_update = config.sieve > 0 and is_interval_boundary(epoch, config.delta_tau)
             if sieve_update:
                 self.sieve.update()
 
@@ -368,6 +370,7 @@ class Trainer:
             "optimizer_blocks": [g["block"] for g in self.optimizer.param_groups],
             "data_generator": self.data_generator.get_state(),
             "mask_generator": self.mask_generator.get_state(),
+            "growth_rng": self.growth_rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(), "history": self.history, "totals": self.totals,
             "block_names": self.model.block_names, "classes": self.data.classes,
             "mean": list(self.data.mean), "std": list(self.data.std), "input_size": self.data.input_size,
@@ -394,6 +397,11 @@ class Trainer:
         self.sieve.load_state_dict(state["sieve"])
         self.data_generator.set_state(state["data_generator"])
         self.mask_generator.set_state(state["mask_generator"])
+        if "growth_rng" not in state:
+            raise CheckpointError("this checkpoint was written before prune-and-grow moved to the shared "
+                                  "numpy rules, so its growth stream cannot continue exactly; export it "
+                                  "(python -m spfde_edge.export --checkpoint ...) or start a new run")
+        self.growth_rng.bit_generator.state = state["growth_rng"]
         torch.set_rng_state(state["torch_rng"])
         self.epoch = state["epoch"]
         self.history = list(state["history"])

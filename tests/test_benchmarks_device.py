@@ -40,15 +40,18 @@ def test_split_points(n, middle, last_third):
 
 def test_stale_bundle_without_step_graph_is_detected(tmp_path):
     """A cached bundle exported before step.onnx existed must be exported again."""
+    from types import SimpleNamespace as Fields  # the parts of a typed Manifest it reads
+
+    def manifest(backends, step_model):
+        step = None if step_model is None else Fields(model=step_model)
+        return Fields(stages=[Fields(stage=11, suffix=Fields(backends=backends, step_graph=step))])
+
     device_step = load("device_step")
     (tmp_path / "stage_11").mkdir()
     (tmp_path / "stage_11" / "step.onnx").write_bytes(b"")
-    old = {"stages": [{"stage": 11, "suffix": {"backends": ["onnxruntime-training"]}}]}
-    assert not device_step.has_step_graph(old, tmp_path)
-    older = {"stages": [{"stage": 11, "suffix": {}}]}  # before the backends list
-    assert not device_step.has_step_graph(older, tmp_path)
-    new = {"stages": [{"stage": 11, "suffix": {"backends": ["onnxruntime-training", "onnxruntime"],
-                                               "step_graph": {"model": "stage_11/step.onnx"}}}]}
+    # (a manifest from before the backends list no longer reads: read_manifest refuses it)
+    assert not device_step.has_step_graph(manifest(["onnxruntime-training"], None), tmp_path)
+    new = manifest(["onnxruntime-training", "onnxruntime"], "stage_11/step.onnx")
     assert device_step.has_step_graph(new, tmp_path)
     (tmp_path / "stage_11" / "step.onnx").unlink()
     assert not device_step.has_step_graph(new, tmp_path)  # listed but missing

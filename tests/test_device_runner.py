@@ -28,7 +28,7 @@ STAGES = (14, 15, 16)
 @pytest.fixture(scope="session")
 def bundle_dir(tmp_path_factory) -> Path:
     import spfde_edge.export.prefix as prefix_io
-    from spfde_edge.export.bundle import ExportOptions, export_bundle
+    from spfde_edge.export import ExportOptions, export_bundle
 
     out = tmp_path_factory.mktemp("bundle") / "r32"
     with pytest.MonkeyPatch.context() as patch:
@@ -87,7 +87,7 @@ def run_cli(args: list[str], blocker: Path | None = None, log: Path | None = Non
 
 
 def config(bundle_dir, out, **overrides):
-    from device_runner.loop import RunConfig
+    from device_runner.run_config import RunConfig
 
     base = dict(bundle=str(bundle_dir), profile="generic-x86", data="digits", out=str(out), epochs=3,
                 max_per_class=20, freeze_at=(1, 2), lr=0.05, seed=0, threads=2)
@@ -167,15 +167,34 @@ def _val_batch(runner):
     return features, runner.data.labels[idx]
 
 
-def test_prune_and_grow_keeps_sparsity_exact(bundle_dir, tmp_path):
+def _bundle_with_algorithm(bundle_dir, folder, algorithm):
+    """A copy of the test bundle whose plan names another DST algorithm (manifest edit only)."""
+    copy = folder / f"bundle-{algorithm}"
+    shutil.copytree(bundle_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["spfde"]["dst"]["algorithm"] = algorithm
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+@pytest.mark.parametrize("algorithm", ["mest", "rigl", "set"])
+def test_prune_and_grow_runs_the_bundles_algorithm_with_exact_sparsity(algorithm, bundle_dir, tmp_path):
+    """Update epochs 1 and 2 (Δτ 1) change masks the way the algorithm says; every layer ends
+    each epoch at its exact target count, and the report names the algorithm really used."""
     from device_runner import dst
     from device_runner.loop import start
 
-    runner = start(config(bundle_dir, tmp_path / "run", epochs=2, freeze_at=(5, 6), delta_tau=1), log=quiet)
+    source = bundle_dir if algorithm == "mest" else _bundle_with_algorithm(bundle_dir, tmp_path, algorithm)
+    runner = start(config(source, tmp_path / "run", epochs=3, freeze_at=(5, 6), delta_tau=1), log=quiet)
     masks = {m: runner.trainer.get_parameter(m) for m, _ in runner.trainer.stage.masks}
     report = runner.run()
-    assert report["status"] == "finished"
-    assert all(h["mask_update"] and h["regrown"] > 0 for h in report["history"])
+    assert report["status"] == "finished" and report["schedule"]["dst"] == algorithm
+    history = report["history"]
+    assert [h["mask_update"] for h in history] == [False, True, True]
+    for record in history[1:]:
+        assert record["dst"] == algorithm and record["regrown"] > 0
+        # MEST grows at the start and prunes as many back at the end; SET/RigL swap at the start.
+        assert record["pruned"] == (record["regrown"] if algorithm == "mest" else 0)
     changed = 0
     for mask_name, weight_name in runner.trainer.stage.masks:
         mask = runner.trainer.get_parameter(mask_name)
@@ -186,21 +205,34 @@ def test_prune_and_grow_keeps_sparsity_exact(bundle_dir, tmp_path):
     assert dst.sparsity_report(runner.trainer)["masked_nonzero"] == 0
 
 
-def test_prune_and_grow_unit():
-    from device_runner.dst import prune_and_grow, update_fraction
+def test_unknown_algorithm_in_the_bundle_is_refused(bundle_dir, tmp_path):
+    from device_runner.errors import BundleError
+    from device_runner.loop import start
 
-    rng = np.random.default_rng(0)
-    weight = rng.normal(size=(8, 4, 3, 3)).astype(np.float32)
-    mask = (rng.random(weight.shape) < 0.3).astype(np.float32)
-    weight *= mask
-    new_weight, new_mask, grown = prune_and_grow(weight, mask, 0.25, rng)
-    assert new_mask.sum() == mask.sum()
-    count = round(0.25 * mask.sum())
-    assert grown.sum() == count and (mask[grown] == 0).all()
-    assert (new_weight[grown] == 0).all() and (new_weight[new_mask == 0] == 0).all()
-    pruned = (mask == 1) & (new_mask == 0)
-    assert np.abs(weight[pruned]).max() <= np.abs(weight[(mask == 1) & (new_mask == 1)]).min()
-    assert update_fraction(0.3, 0, 10) == pytest.approx(0.3) and update_fraction(0.3, 10, 10) == 0.0
+    with pytest.raises(BundleError, match="unknown DST algorithm 'grasp'"):
+        start(config(_bundle_with_algorithm(bundle_dir, tmp_path, "grasp"), tmp_path / "run"), log=quiet)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "onnxruntime-training"])
+def test_dense_gradients_open_every_mask_and_leave_no_trace(backend, bundle_dir, tmp_path):
+    """RigL's growth signal: the gradient of weight * mask at inactive positions too; equal to
+    the ordinary gradient where active; masks and BatchNorm statistics restored."""
+    from device_runner import dst
+    from device_runner.loop import start
+
+    runner = start(config(bundle_dir, tmp_path / "run", epochs=1, suffix_backend=backend), log=quiet)
+    trainer = runner.trainer
+    before = {n: trainer.get_parameter(n) for n in trainer.parameter_names()}
+    features, labels = _val_batch(runner)
+    dense = dst.dense_gradients(trainer, features, labels)
+    for name in trainer.parameter_names():
+        np.testing.assert_array_equal(trainer.get_parameter(name), before[name], err_msg=name)
+    trainer.train_step(features, labels)
+    for mask_name, weight_name in trainer.stage.masks:
+        active = before[mask_name] > 0.5
+        assert np.count_nonzero(dense[weight_name][~active]) > 0.5 * (~active).sum(), weight_name
+        np.testing.assert_allclose(dense[weight_name][active], trainer.gradient(weight_name)[active],
+                                   rtol=1e-4, atol=1e-6, err_msg=weight_name)
 
 
 def test_feature_cache_serves_later_epochs(bundle_dir, tmp_path):
@@ -351,6 +383,7 @@ def _copy_bundle(bundle_dir, tmp_path) -> Path:
     ("delete", "is missing"),
     ("version", "bundle format version 99"),
     ("no_manifest", "is not a bundle"),
+    ("schema", "schema at spfde.momentum: 'fast' is not of type 'number'; re-export"),
 ])
 def test_damaged_bundle_is_refused(bundle_dir, tmp_path, damage, message):
     copy = _copy_bundle(bundle_dir, tmp_path)
@@ -364,6 +397,10 @@ def test_damaged_bundle_is_refused(bundle_dir, tmp_path, damage, message):
     elif damage == "version":
         manifest = json.loads((copy / "manifest.json").read_text())
         manifest["format_version"] = 99
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+    elif damage == "schema":
+        manifest = json.loads((copy / "manifest.json").read_text())
+        manifest["spfde"]["momentum"] = "fast"
         (copy / "manifest.json").write_text(json.dumps(manifest))
     else:
         (copy / "manifest.json").unlink()

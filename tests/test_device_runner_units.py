@@ -100,23 +100,28 @@ def test_power_model_estimate_is_labelled_and_bounded():
 
 
 def test_schedule_maps_the_host_plan_onto_device_epochs():
-    spfde = {"epochs": 30, "epochs_done": 0, "delta_tau": 2,
-             "freezing": {"freeze_epochs": [6, 8, 10, 12, 14]}, "lr_schedule": {"base_lr": 0.1}}
+    plan = dict(num_blocks=17, epochs_done=0, plan_epochs=30, freeze_epochs=[6, 8, 10, 12, 14],
+                delta_tau=2, base_lr=0.1, update_fraction=0.3)
     # Stage 4 starts when block 3 freezes (host epoch 12 of 30 -> device epoch 4 of 10).
-    assert schedule.stage_starts([3, 4, 5], spfde, 10) == [(3, 0), (4, 4), (5, 5)]
-    # Stages past the plan are spread evenly.
-    assert schedule.stage_starts([14, 15, 16], spfde, 3) == [(14, 0), (15, 1), (16, 2)]
-    assert schedule.stage_starts([14, 15, 16], spfde, 6, [2, 4]) == [(14, 0), (15, 2), (16, 4)]
+    assert schedule.device_schedule(stage_ks=[3, 4, 5], epochs=10, **plan).starts == [(3, 0), (4, 4), (5, 5)]
+    # Stages past the plan are spread evenly; --freeze-at overrides.
+    assert schedule.device_schedule(stage_ks=[14, 15, 16], epochs=3, **plan).starts == [(14, 0), (15, 1), (16, 2)]
+    forced = schedule.device_schedule(stage_ks=[14, 15, 16], epochs=6, freeze_at=[2, 4], **plan)
+    assert forced.starts == [(14, 0), (15, 2), (16, 4)]
     with pytest.raises(BundleError, match="one per later stage"):
-        schedule.stage_starts([14, 15, 16], spfde, 6, [2])
-    active = schedule.block_active_epochs([(14, 0), (15, 2), (16, 4)], 17, 6)
-    assert active[14] == 2 and active[15] == 4 and active[16] == 6 and active[3] == 6
-    assert schedule.block_lr(0.1, 0.0, 4) == pytest.approx(0.1)
-    assert schedule.block_lr(0.1, 2.0, 4) == pytest.approx(0.05)
-    assert schedule.block_lr(0.1, 4.0, 4) == 0.0
-    assert schedule.device_delta_tau(spfde, 3) == 1 and schedule.device_delta_tau(spfde, 30) == 2
-    assert schedule.default_lr(spfde) == 0.1
-    assert schedule.default_lr({**spfde, "epochs_done": 30}) == pytest.approx(0.01)
+        schedule.device_schedule(stage_ks=[14, 15, 16], epochs=6, freeze_at=[2], **plan)
+    # 6 device epochs cover 30 plan epochs: block 14 trains until device epoch 2 = plan epoch 10.
+    assert forced.active_epochs[14] == 10 and forced.active_epochs[15] == 20 and forced.active_epochs[16] == 30
+    assert forced.lrs(0.0)[16] == pytest.approx(0.1) and forced.lrs(3.0)[16] == pytest.approx(0.05)
+    assert forced.lrs(2.0)[14] == 0.0
+    # Δτ scales with the plan (2 plan epochs = 0.2 device epochs -> 1), at least one epoch.
+    assert schedule.device_schedule(stage_ks=[3], epochs=3, **plan).delta_tau == 1
+    assert schedule.device_schedule(stage_ks=[3], epochs=30, **plan).delta_tau == 2
+    assert schedule.device_schedule(stage_ks=[3], epochs=30, **plan).base_lr == 0.1
+    # A finished plan (a trained checkpoint): fine-tune at a tenth of the LR over the device run.
+    finished = schedule.device_schedule(stage_ks=[3], epochs=4, **{**plan, "epochs_done": 30})
+    assert finished.plan.fine_tune and finished.base_lr == pytest.approx(0.01)
+    assert finished.updates.fraction(0) == pytest.approx(0.3) and finished.updates.fraction(4) == 0.0
 
 
 def test_imagefolder_skips_and_counts_corrupt_images(tmp_path):

@@ -23,9 +23,12 @@ from onnxruntime.training.api import CheckpointState, Module, Optimizer  # noqa:
 
 from spfde_edge.checkpoint import save_checkpoint  # noqa: E402
 from spfde_edge.config import TrainConfig  # noqa: E402
-from spfde_edge.export import BundleError, ExportOptions, export_bundle, inspect_bundle  # noqa: E402
-from spfde_edge.export import bundle as bundle_mod  # noqa: E402
-from spfde_edge.export import manifest as manifest_io  # noqa: E402
+from device_runner import manifest as manifest_io  # noqa: E402
+from device_runner.bundle import load_bundle  # noqa: E402
+from device_runner.files import sha256_file  # noqa: E402
+from spfde_edge.export import (BundleError, ExportOptions, ParityError, export_bundle,  # noqa: E402
+                               inspect_bundle, load_source)
+from spfde_edge.export import pipeline  # noqa: E402
 from spfde_edge.export.__main__ import main  # noqa: E402
 from spfde_edge.export.prefix import baked_prefix  # noqa: E402
 from spfde_edge.export.suffix import TrainableSuffix  # noqa: E402
@@ -92,7 +95,7 @@ def bundle(request, checkpoint_path, tmp_path_factory):
 
 
 def _source(options: ExportOptions):
-    return bundle_mod.load_source(options)
+    return load_source(options)
 
 
 def _ort(root: Path, stage: dict):
@@ -143,11 +146,12 @@ def test_manifest_matches_schema_and_says_how_to_continue(bundle):
     root, manifest, _ = bundle
     schema = json.loads(manifest_io.SCHEMA_PATH.read_text())
     jsonschema.validate(manifest, schema)
-    assert manifest["format_version"] == manifest_io.BUNDLE_FORMAT_VERSION
+    assert manifest["format_version"] == manifest_io.FORMAT_VERSION
     assert set(manifest["versions"]) >= {"torch", "onnx", "onnxruntime", "executorch"}
     assert manifest["model"]["input"]["shape"] == [BATCH, 3, SIZE, SIZE]
     spfde = manifest["spfde"]
     assert spfde["delta_tau"] >= 1 and spfde["lr_schedule"]["type"] == "blockwise_cosine"
+    assert spfde["dst"]["lam"] == 1.0  # MEST's λ: TrainConfig has none, so the trainer's default
     for stage in manifest["stages"]:
         flops = stage["flops_per_sample"]
         assert flops["prefix_forward"] > 0 and flops["suffix_backward"] > flops["suffix_forward"] * 0.5
@@ -155,11 +159,42 @@ def test_manifest_matches_schema_and_says_how_to_continue(bundle):
         assert stage["bytes"]["sparse_zeros"] > 0
 
 
-def test_schema_rejects_a_broken_manifest(bundle):
+def test_manifest_round_trips_through_the_typed_reader_and_writer(bundle, tmp_path):
+    root, manifest, _ = bundle
+    typed = manifest_io.read_manifest(root)
+    manifest_io.write_manifest(tmp_path, typed)
+    assert manifest_io.read_manifest(tmp_path) == typed
+    assert json.loads((tmp_path / "manifest.json").read_text()) == manifest
+    assert load_bundle(root).manifest == typed
+
+
+def _break(path: str, value):
+    def edit(manifest: dict) -> None:
+        *parents, last = path.split(".")
+        target = manifest
+        for key in parents:
+            target = target[int(key)] if isinstance(target, list) else target[key]
+        target[last] = value
+    return edit
+
+
+@pytest.mark.parametrize("path, value, where", [
+    ("spfde.momentum", "0.9", "spfde.momentum"),
+    ("stages.0.features.shape", [], "stages[0].features.shape"),
+    ("model.classes", 10, "model.classes"),
+    ("spfde.dst.update_every_epochs", 5, "spfde.dst"),   # removed in favour of spfde.delta_tau
+])
+@pytest.mark.parametrize("bundle", ["resnet18"], indirect=True)  # one bundle is enough
+def test_device_refuses_a_manifest_that_breaks_the_schema(bundle, tmp_path, path, value, where):
     _, manifest, _ = bundle
     broken = json.loads(json.dumps(manifest))
-    del broken["stages"][0]["features"]
-    with pytest.raises(BundleError, match="features"):
+    _break(path, value)(broken)
+    (tmp_path / "manifest.json").write_text(json.dumps(broken))
+    with pytest.raises(BundleError) as caught:
+        load_bundle(tmp_path)
+    message = str(caught.value)
+    assert f"schema at {where}:" in message and "re-export" in message and "\n" not in message
+    with pytest.raises(BundleError, match="re-export"):  # the host writer refuses it too
         manifest_io.validate(broken)
 
 
@@ -372,7 +407,7 @@ def test_inspect_verifies_sha256_and_describes_bundle(bundle, capsys):
     out = capsys.readouterr().out
     assert manifest["model"]["name"] in out
     for rel, entry in manifest["files"].items():
-        assert manifest_io.sha256_file(root / rel) == entry["sha256"]
+        assert sha256_file(root / rel) == entry["sha256"]
 
 
 def test_inspect_detects_a_tampered_file(bundle, tmp_path, capsys):
@@ -441,10 +476,10 @@ def test_force_replaces_and_failures_leave_nothing_behind(bundle, tmp_path, monk
                             stages="0", sparsity=0.5, out=str(out), force=True, parity_steps=1)
 
     def broken(*args, **kwargs):
-        raise bundle_mod.ParityError("simulated parity failure")
+        raise ParityError("simulated parity failure")
 
-    monkeypatch.setattr(bundle_mod.suffix_io, "export_suffix", broken)
-    with pytest.raises(bundle_mod.ParityError):
+    monkeypatch.setattr(pipeline.suffix_io, "export_suffix", broken)
+    with pytest.raises(ParityError):
         export_bundle(options, log=_quiet)
     assert json.loads((out / "manifest.json").read_text())["model"]["name"] == "resnet32"
     assert list(tmp_path.iterdir()) == [out]  # no temporary folder left

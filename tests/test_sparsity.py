@@ -2,12 +2,13 @@
 import io
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from spfde_edge.models import create_model, prunable_layers
-from spfde_edge.sparsity import (MaskSet, SparsityError, UpdateSchedule, available_algorithms,
+from spfde_edge.sparsity import (MaskSet, ScheduleError, SparsityError, UpdateSchedule, available_algorithms,
                                  dense_gradient, erk_densities, frozen_names, get_algorithm)
 
 SPARSITY = 0.8
@@ -102,6 +103,21 @@ def test_erk_makes_layers_dense_that_would_exceed_density_one():
     assert densities["big"] * 1_000_000 == pytest.approx(499_998)
 
 
+def test_erk_densities_match_hand_computed_rigl_values():
+    # RigL's ERK: density ∝ sum(shape)/prod(shape). At 50% the uniform total is 800 of 1600
+    # weights; the head's raw density (26/160 · 800/74 ≈ 1.76) exceeds 1, so it is made dense
+    # and the scale re-solved over the convs: eps = (800 - 160) / (18 + 30) = 40/3.
+    shapes = {"conv1": (8, 4, 3, 3), "conv2": (16, 8, 3, 3), "head": (10, 16)}
+    densities = erk_densities(shapes, 0.5)
+    assert densities["head"] == 1.0
+    assert densities["conv1"] * 288 == pytest.approx(240)  # 18 · 40/3
+    assert densities["conv2"] * 1152 == pytest.approx(400)  # 30 · 40/3
+    # At 90% (160 nonzeros) no layer is capped: eps = 160/74 everywhere.
+    densities = erk_densities(shapes, 0.9)
+    for name, shape in shapes.items():
+        assert densities[name] * math.prod(shape) == pytest.approx(sum(shape) * 160 / 74), name
+
+
 def test_erk_handles_depthwise_convs():
     torch.manual_seed(0)
     model = create_model("mobilenet_v2", width=0.25)
@@ -172,7 +188,7 @@ def test_update_schedule_epochs_and_cosine_fraction():
     assert schedule.fraction(0) == pytest.approx(0.3)
     assert schedule.fraction(15) == pytest.approx(0.15)
     assert schedule.fraction(30) == pytest.approx(0.0, abs=1e-12)
-    with pytest.raises(SparsityError):
+    with pytest.raises(ScheduleError):
         UpdateSchedule(delta_tau=0, end_epoch=30)
 
 
@@ -213,7 +229,7 @@ def assert_changed_positions_start_clean(model, maskset, old_masks, optimizer):
 def update(name, model, maskset, optimizer, fraction=0.3, frozen=frozenset(), seed=5):
     """One full update epoch as the trainer runs it."""
     algorithm = get_algorithm(name)
-    generator = torch.Generator().manual_seed(seed)
+    generator = np.random.default_rng(seed)
     grads = dense_gradient(model, maskset, lambda: loss_of(model)) \
         if algorithm.needs_dense_grads else None
     algorithm.begin_update(maskset, model, fraction, generator, optimizer, set(frozen), grads)
@@ -236,7 +252,7 @@ def test_prune_then_grow_swaps_smallest_weights_and_grows_clean(name):
     grads = dense_gradient(model, maskset, lambda: loss_of(model)) \
         if algorithm.needs_dense_grads else None
     plant_stale_state(model, maskset, optimizer)
-    algorithm.begin_update(maskset, model, 0.3, torch.Generator().manual_seed(5), optimizer,
+    algorithm.begin_update(maskset, model, 0.3, np.random.default_rng(5), optimizer,
                            set(), grads)
     assert_changed_positions_start_clean(model, maskset, old_masks, optimizer)
     for layer, new in maskset.masks.items():
@@ -247,7 +263,7 @@ def test_prune_then_grow_swaps_smallest_weights_and_grows_clean(name):
     clear_stale_state(model, maskset, optimizer)
     maskset.check(model)
     train(model, optimizer)
-    algorithm.end_update(maskset, model, 0.3, torch.Generator().manual_seed(5), optimizer,
+    algorithm.end_update(maskset, model, 0.3, np.random.default_rng(5), optimizer,
                          set(), grads)
     maskset.check(model)
 
@@ -258,7 +274,7 @@ def test_adam_moments_are_reset_at_changed_positions():
     train(model, optimizer)
     old_masks = copy_masks(maskset)
     plant_stale_state(model, maskset, optimizer)
-    get_algorithm("set").begin_update(maskset, model, 0.3, torch.Generator().manual_seed(5),
+    get_algorithm("set").begin_update(maskset, model, 0.3, np.random.default_rng(5),
                                       optimizer, set())
     assert_changed_positions_start_clean(model, maskset, old_masks, optimizer)
 
@@ -277,7 +293,7 @@ def test_rigl_grows_where_the_dense_gradient_is_largest():
         expected[name] = torch.zeros(mask.numel(), dtype=torch.bool)
         expected[name][chosen] = True
     old_masks = copy_masks(maskset)
-    get_algorithm("rigl").begin_update(maskset, model, 0.3, torch.Generator().manual_seed(5),
+    get_algorithm("rigl").begin_update(maskset, model, 0.3, np.random.default_rng(5),
                                        None, set(), grads)
     for name, new in maskset.masks.items():
         grown = new & ~old_masks[name]
@@ -288,7 +304,7 @@ def test_rigl_grows_where_the_dense_gradient_is_largest():
 def test_rigl_without_dense_gradient_raises():
     model, maskset = make_sparse()
     with pytest.raises(SparsityError, match="dense_gradient"):
-        get_algorithm("rigl").begin_update(maskset, model, 0.3, torch.Generator(), None, set())
+        get_algorithm("rigl").begin_update(maskset, model, 0.3, np.random.default_rng(), None, set())
 
 
 def test_mest_grows_above_target_for_one_epoch_then_prunes_back():
@@ -298,7 +314,7 @@ def test_mest_grows_above_target_for_one_epoch_then_prunes_back():
     old_masks = copy_masks(maskset)
     plant_stale_state(model, maskset, optimizer)
     mest = get_algorithm("mest")
-    generator = torch.Generator().manual_seed(5)
+    generator = np.random.default_rng(5)
     mest.begin_update(maskset, model, 0.3, generator, optimizer, set())
     for name, mask in maskset.masks.items():
         old = old_masks[name]
@@ -317,14 +333,14 @@ def grow_with_mest(lam):
     model, maskset = make_sparse()
     old_masks = copy_masks(maskset)
     mest = get_algorithm("mest", lam=lam)
-    mest.begin_update(maskset, model, 0.3, torch.Generator().manual_seed(5), None, set())
+    mest.begin_update(maskset, model, 0.3, np.random.default_rng(5), None, set())
     grown = {n: m & ~old_masks[n] for n, m in maskset.masks.items()}
     return model, maskset, mest, old_masks, grown
 
 
 def test_mest_prunes_grown_weights_that_stayed_unimportant():
     model, maskset, mest, old_masks, _ = grow_with_mest(lam=1.0)
-    mest.end_update(maskset, model, 0.3, torch.Generator(), None, set())  # grown w = 0, no grad
+    mest.end_update(maskset, model, 0.3, np.random.default_rng(), None, set())  # grown w = 0, no grad
     assert all(torch.equal(maskset.masks[n], old_masks[n]) for n in old_masks)
 
 
@@ -334,7 +350,7 @@ def test_mest_score_counts_gradient_magnitude(lam, kept):
     for name, p in params(model).items():
         if name in grown:  # grown weights are still zero but carry a large gradient
             p.grad = torch.where(grown[name], 100.0, 0.0)
-    mest.end_update(maskset, model, 0.3, torch.Generator(), None, set())
+    mest.end_update(maskset, model, 0.3, np.random.default_rng(), None, set())
     for name, mask in maskset.masks.items():
         assert bool(mask[grown[name]].all()) == kept, name
         assert torch.equal(mask, old_masks[name]) != kept, name
@@ -347,7 +363,7 @@ def test_mest_grown_weights_that_became_large_replace_small_ones():
         for name, p in params(model).items():
             if name in grown:
                 p[grown[name]] = 10.0
-    mest.end_update(maskset, model, 0.3, torch.Generator(), None, set())
+    mest.end_update(maskset, model, 0.3, np.random.default_rng(), None, set())
     for name, mask in maskset.masks.items():
         assert bool(mask[grown[name]].all()) and not torch.equal(mask, old_masks[name]), name
     maskset.check(model)
@@ -384,7 +400,7 @@ def test_frozen_layers_keep_their_masks(name):
 
 def test_state_dict_round_trip():
     model, maskset = make_sparse("erk")
-    get_algorithm("set").begin_update(maskset, model, 0.3, torch.Generator(), None, set())
+    get_algorithm("set").begin_update(maskset, model, 0.3, np.random.default_rng(), None, set())
     buffer = io.BytesIO()
     torch.save(maskset.state_dict(), buffer)
     buffer.seek(0)

@@ -27,3 +27,23 @@ def import_onnxruntime():
 
 
 onnxruntime = import_onnxruntime()
+
+
+def configure(options, threads: int | None = None):
+    """The one set of session settings every ONNX Runtime session here uses.
+
+    ``options`` is an ``onnxruntime.SessionOptions`` or the training build's
+    ``capi._pybind_state.SessionOptions``. Without the CPU memory arena, memory a step
+    freed goes back to the allocator, so a smaller batch really lowers RSS when the runner
+    must shrink it under the memory budget (budget.py).
+    """
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.enable_cpu_mem_arena = False
+    options.log_severity_level = 3
+    return options
+
+
+def inference_options(threads: int | None = None):
+    return configure(onnxruntime.SessionOptions(), threads)

@@ -16,23 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ._ort import onnxruntime
+from ._ort import inference_options, onnxruntime
 
 from ..bundle import Stage
 from ..errors import BundleError
-from .sgd import block_of, sgd_update
+from ..method import sgd as sgd_rule
+from .blocks import block_of
 
 LOSS, LOGITS = "loss", "logits"
 NEW_SUFFIX, GRAD_SUFFIX = ".new", ".grad"
-
-
-def inference_options(threads: int):
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.enable_cpu_mem_arena = False   # a smaller batch must really lower RSS (see budget.py)
-    options.log_severity_level = 3
-    return options
 
 
 def _session(path: Path, threads: int, what: str):
@@ -122,8 +114,8 @@ class StepGraphTrainer:
             if grad is None:
                 continue
             mask = self.values[self.mask_of[name]] if name in self.mask_of else None
-            sgd_update(self.values[name], grad, mask, self.momentum_buffers, name,
-                       lr_of_block.get(block_of(name), 0.0), momentum, weight_decay)
+            sgd_rule.sgd_step(self.values[name], grad, mask, self.momentum_buffers, name,
+                              lr_of_block.get(block_of(name), 0.0), momentum, weight_decay)
 
     def eval_step(self, features: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
         loss, logits = self.eval_session.run(None, self._feeds(self.eval_inputs, features, labels))[:2]

@@ -15,18 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ._ort import onnxruntime
+from ._ort import inference_options, onnxruntime
 
 from ..errors import BundleError
-
-
-def inference_options(threads: int) -> onnxruntime.SessionOptions:
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.enable_cpu_mem_arena = False
-    options.log_severity_level = 3
-    return options
 
 
 class OrtPrefix:

@@ -20,26 +20,20 @@ from pathlib import Path
 
 import numpy as np
 
-from ._ort import onnxruntime
+from ._ort import configure, onnxruntime
 
 from ..bundle import Stage
 from ..errors import BundleError
 from .onnx_step import load_state_file
-from .sgd import block_of, sgd_update
+from ..method import sgd as sgd_rule
+from .blocks import block_of
 
 C = onnxruntime.capi._pybind_state
 C.set_default_logger_severity(3)  # ORT warns about benign shape merges on every load
 
 
 def session_options(threads: int) -> "C.SessionOptions":
-    options = C.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    # Without the arena, memory a step freed goes back to the allocator, so a smaller batch
-    # really lowers RSS when the runner must shrink it under the memory budget.
-    options.enable_cpu_mem_arena = False
-    options.log_severity_level = 3
-    return options
+    return configure(C.SessionOptions(), threads)
 
 
 class SuffixTrainer:
@@ -122,8 +116,8 @@ class SuffixTrainer:
             if not param.grad.has_value():
                 continue
             mask = self._view(self.mask_of[name]) if name in self.mask_of else None
-            sgd_update(param.data.numpy(), param.grad.numpy(), mask, self.momentum_buffers, name,
-                       lr_of_block.get(block_of(name), 0.0), momentum, weight_decay)
+            sgd_rule.sgd_step(param.data.numpy(), param.grad.numpy(), mask, self.momentum_buffers,
+                              name, lr_of_block.get(block_of(name), 0.0), momentum, weight_decay)
 
     def eval_step(self, features: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
         fetches = C.OrtValueVector()

@@ -2,10 +2,17 @@
 
 Stage k = blocks [0, k) frozen: the prefix as inference graphs (ExecuTorch .pte with XNNPACK,
 ONNX), the suffix as ONNX Runtime on-device training artifacts with masks in the graph, and
-a manifest.json (schema: manifest.schema.json, format: docs/bundle.md). Heavy dependencies
-(onnx, onnxruntime, executorch) are imported inside the functions that use them.
+a manifest.json (types and schema: device_runner/manifest.py, format: docs/bundle.md).
+The pipeline reads top to bottom: source.py -> pipeline.py (prefix.py, suffix.py,
+step_graph.py, parity.py) -> manifest.py; inspect.py reads a bundle back. Heavy
+dependencies (onnx, onnxruntime, executorch) are imported inside the functions that use them.
 """
-from .bundle import ExportOptions, export_bundle, inspect_bundle
-from .manifest import BundleError, ParityError
+from device_runner.errors import BundleError
 
-__all__ = ["BundleError", "ExportOptions", "ParityError", "export_bundle", "inspect_bundle"]
+from .inspect import inspect_bundle, summary
+from .parity import TOLERANCES, ParityError
+from .pipeline import ExportOptions, export_bundle
+from .source import load_source, resolve_stages
+
+__all__ = ["TOLERANCES", "BundleError", "ExportOptions", "ParityError", "export_bundle",
+           "inspect_bundle", "load_source", "resolve_stages", "summary"]

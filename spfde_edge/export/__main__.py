@@ -76,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     from spfde_edge.models import ModelError
     from spfde_edge.sparsity.masks import SparsityError
 
-    from .bundle import ExportOptions, export_bundle, inspect_bundle
-    from .manifest import BundleError, ParityError
+    from . import BundleError, ExportOptions, ParityError, export_bundle, inspect_bundle
 
     try:
         if args.inspect is not None:

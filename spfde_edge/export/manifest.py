@@ -1,73 +1,185 @@
-"""``manifest.json``: the only contract between the host export and the device runner.
+"""The bundle's typed manifest, built from the exported model and what each stage produced.
 
-The schema lives beside this file (``manifest.schema.json``); ``docs/bundle.md`` explains
-every field. Paths inside the manifest are relative to the bundle folder.
+The types, the schema, the one writer and the one reader live in ``device_runner.manifest``
+(the device imports them without torch); this module only fills them in.
 """
 from __future__ import annotations
 
-import json
+import dataclasses
+import importlib.metadata
+import platform
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-# One hasher and one check: the device verifies exactly what the host wrote.
-from device_runner.bundle import file_problems, sha256_file
+from typing import TYPE_CHECKING
 
-BUNDLE_FORMAT = "spfde-bundle"
-BUNDLE_FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
+import torch
+
+# One hasher: the device verifies exactly what the host wrote.
+from device_runner.files import sha256_file
+from device_runner.manifest import (DST_LAM, BatchNormEntry, Block, Dst, FileEntry, Flops, Freezing,
+                                    Layer, LrSchedule, Manifest, MaskEntry, ModelInfo, Normalization,
+                                    PrefixEntry, Sieve, SourceInfo, Sparsity, Spfde, StageBytes,
+                                    StageEntry, StepGraphEntry, SuffixEntry, TensorSpec)
+from spfde_edge import cost
+
+from . import prefix as prefix_io
+from . import step_graph as step_io
+from . import suffix as suffix_io
+from .parity import TOLERANCES
+from .source import Source
+
+if TYPE_CHECKING:
+    from .pipeline import ExportOptions
+
+# What the exported graphs leave to the device (docs/bundle.md explains each).
+DEVICE_TRAINING = {
+    "optimizer_model": "SGD (ORT SGDOptimizerV2): w -= lr * grad; no momentum, no weight decay",
+    "loss": "cross entropy, mean over the batch",
+    "masks": "effective weight = weight * mask in the graph; masks are non-trainable "
+             "checkpoint parameters '<weight>_mask' (uint8, 1 = active)",
+    "batchnorm": "batch statistics in training; running statistics are non-trainable "
+                 "checkpoint parameters that the device updates from the batch_mean/batch_var "
+                 "training outputs: running = (1 - momentum) * running + momentum * batch",
+}
 
 
-class BundleError(ValueError):
-    """A bundle that cannot be written or read as asked; the message says what to change."""
+@dataclass
+class StageResult:
+    """What exporting stage ``k`` into ``folder`` (relative to the bundle) produced."""
+
+    k: int
+    folder: str
+    feature_shape: list[int]
+    artifacts: suffix_io.SuffixArtifacts
+    parity: dict[str, float]
+    step: step_io.StepGraph | None
 
 
-class ParityError(BundleError):
-    """An exported graph disagrees with PyTorch beyond the tolerance; nothing is written."""
-
-
-def file_table(root: Path, relative_paths: list[str]) -> dict[str, dict]:
-    """``{path: {"sha256", "bytes"}}`` for every bundle file except the manifest itself."""
-    return {rel: {"sha256": sha256_file(root / rel), "bytes": (root / rel).stat().st_size}
+def file_table(root: Path, relative_paths: list[str]) -> dict[str, FileEntry]:
+    """Every bundle file except the manifest itself, with its sha256 and size."""
+    return {rel: FileEntry(sha256=sha256_file(root / rel), bytes=(root / rel).stat().st_size)
             for rel in sorted(relative_paths)}
 
 
-def validate(manifest: dict) -> None:
-    """Check ``manifest`` against the JSON Schema (skipped when jsonschema is not installed)."""
-    try:
-        import jsonschema
-    except ImportError:  # a runtime-only install; the format version check still applies
-        return
-    schema = json.loads(SCHEMA_PATH.read_text())
-    try:
-        jsonschema.validate(manifest, schema)
-    except jsonschema.ValidationError as exc:
-        where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
-        raise BundleError(f"manifest does not match its schema at {where}: {exc.message}") from exc
+def versions() -> dict[str, str]:
+    def version(package: str) -> str:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return "unknown"
+
+    import onnx
+    import onnxruntime
+
+    return {"spfde_edge": version("spfde-edge"), "python": platform.python_version(),
+            "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "executorch": version("executorch")}
 
 
-def write(root: Path, manifest: dict) -> None:
-    validate(manifest)
-    (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+def _float32(name: str, shape: list) -> TensorSpec:
+    return TensorSpec(name=name, shape=tuple(shape), dtype="float32")
 
 
-def read(root: Path) -> dict:
-    """Load and check the manifest of the bundle in ``root``."""
-    path = Path(root) / MANIFEST_NAME
-    if not path.is_file():
-        raise BundleError(f"{root} is not a bundle: no {MANIFEST_NAME}; export one with "
-                          "python -m spfde_edge.export")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{path} is not valid JSON ({exc}); re-export the bundle") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{path} is not an spfde bundle manifest")
-    if manifest.get("format_version") != BUNDLE_FORMAT_VERSION:
-        raise BundleError(f"{path} has bundle format {manifest.get('format_version')}; this "
-                          f"spfde-edge reads {BUNDLE_FORMAT_VERSION}; re-export the bundle")
-    validate(manifest)
-    return manifest
+def stage_entry(source: Source, result: StageResult, files: dict[str, FileEntry],
+                profile: cost.ModelProfile, densities: dict, batch_size: int) -> StageEntry:
+    model, k, rel, artifacts, step = source.model, result.k, result.folder, result.artifacts, result.step
+    features = [batch_size, *result.feature_shape]
+    prefix = None
+    if k > 0:
+        size = source.input_size
+        prefix = PrefixEntry(pte=f"{rel}/{prefix_io.PTE_FILE}", onnx=f"{rel}/{prefix_io.ONNX_FILE}",
+                             input=_float32(prefix_io.INPUT_NAME, [batch_size, 3, size, size]),
+                             output=_float32(prefix_io.FEATURES_NAME, features),
+                             pte_batch_size=batch_size)
+    step_entry = None if step is None else StepGraphEntry(
+        model=f"{rel}/{step_io.STEP_FILE}", state=f"{rel}/{step_io.STATE_FILE}", opset=step_io.STEP_OPSET,
+        inputs=tuple(step.inputs), outputs=tuple(step.outputs), parameters=tuple(step.parameters),
+        masks=tuple(step.masks), running_stats=tuple(step.running_stats))
+    suffix = SuffixEntry(
+        training_model=f"{rel}/training_model.onnx", eval_model=f"{rel}/eval_model.onnx",
+        optimizer_model=f"{rel}/optimizer_model.onnx", checkpoint=f"{rel}/checkpoint",
+        inputs=(_float32(suffix_io.FEATURES_INPUT, ["batch", *result.feature_shape]),
+                TensorSpec(name=suffix_io.LABELS_INPUT, shape=("batch",), dtype="int64")),
+        training_outputs=tuple(artifacts.training_outputs), eval_outputs=tuple(artifacts.eval_outputs),
+        parameters=tuple(artifacts.parameters),
+        masks=tuple(MaskEntry(name=m, weight=m[: -len(suffix_io.MASK_SUFFIX)]) for m in artifacts.masks),
+        batchnorms=tuple(BatchNormEntry(**row) for row in artifacts.batchnorms),
+        backends=("onnxruntime-training",) + ((step_io.BACKEND,) if step else ()),
+        step_graph=step_entry)
+    flops = cost.training_flops_per_sample(profile, densities, k)
+    zeros = {name: int((~mask).sum()) for name, mask in source.masks.items()}
+    prefix_zero_bytes = sum(4 * z for n, z in zeros.items() if model.block_of_parameter(n) < k)
+    suffix_zero_bytes = sum(4 * z for n, z in zeros.items() if model.block_of_parameter(n) >= k)
+    return StageEntry(
+        stage=k, frozen_blocks=tuple(model.block_names[:k]), trainable_blocks=tuple(model.block_names[k:]),
+        features=_float32(suffix_io.FEATURES_INPUT, features), prefix=prefix, suffix=suffix,
+        flops_per_sample=Flops(
+            prefix_forward=sum(b.forward for b in flops.per_block[:k]),
+            suffix_forward=sum(b.forward for b in flops.per_block[k:]),
+            suffix_backward=sum(b.backward_input + b.backward_weight for b in flops.per_block[k:])),
+        bytes=StageBytes(
+            total=sum(entry.bytes for p, entry in files.items() if p.startswith(rel + "/")),
+            # zeros of sparse weights stored densely: twice in the prefix (.pte and .onnx),
+            # once in the suffix checkpoint; the suffix's uint8 masks cost 1 B per weight.
+            sparse_zeros=2 * prefix_zero_bytes + suffix_zero_bytes,
+            masks=sum(source.masks[m.weight].numel() for m in suffix.masks)),
+        parity=dict(result.parity))
 
 
-def verify_files(root: Path, manifest: dict) -> list[str]:
-    """Problems with the files the manifest lists (missing, size or sha256 mismatch)."""
-    return file_problems(root, manifest["files"])
+def _sparsity(source: Source) -> Sparsity:
+    model, config = source.model, source.config
+    layers = []
+    for name, param in model.named_parameters():
+        if name.endswith(".weight") and param.dim() > 1:
+            mask = source.masks.get(name)
+            layers.append(Layer(name=name, block=model.block_of_parameter(name), shape=tuple(param.shape),
+                                density=1.0 if mask is None else float(mask.float().mean()),
+                                masked=mask is not None))
+    total = sum(m.numel() for m in source.masks.values())
+    active = sum(int(m.sum()) for m in source.masks.values())
+    return Sparsity(target=config.sparsity, distribution=config.distribution,
+                    overall=1.0 - active / total if total else 0.0, layers=tuple(layers))
+
+
+def _spfde(source: Source) -> Spfde:
+    config, plan = source.config, source.plan
+    return Spfde(
+        epochs=config.epochs, epochs_done=source.epoch, delta_tau=config.delta_tau,
+        freezing=Freezing(freeze_epochs=tuple(plan.freeze_epochs), T_frz=plan.T_frz,
+                          predicted_reduction=plan.reduction, num_frozen_now=source.num_frozen),
+        sieve=Sieve(fraction=config.sieve, swap_fraction=config.sieve_swap),
+        # TrainConfig has no λ yet; the trainer's MEST runs with the default.
+        dst=Dst(algorithm=config.dst, update_fraction=config.update_fraction,
+                lam=float(getattr(config, "lam", DST_LAM))),
+        lr_schedule=LrSchedule(base_lr=config.lr),
+        momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def build_manifest(source: Source, options: ExportOptions, stages: list[StageEntry],
+                   files: dict[str, FileEntry], batch_size: int, export_s: float) -> Manifest:
+    model, config = source.model, source.config
+    size = source.input_size
+    return Manifest(
+        created_utc=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        export_s=round(export_s, 3),
+        model=ModelInfo(
+            name=config.model, width=config.width, cifar_stem=config.cifar_stem,
+            num_classes=len(source.classes), classes=tuple(source.classes),
+            input=_float32(prefix_io.INPUT_NAME, [batch_size, 3, size, size]),
+            normalization=Normalization(mean=tuple(source.mean), std=tuple(source.std)),
+            blocks=tuple(Block(index=i, name=n, parameters=sum(p.numel() for p in model.blocks[i].parameters()))
+                         for i, n in enumerate(model.block_names))),
+        source=SourceInfo(checkpoint=source.checkpoint, epochs_done=source.epoch,
+                          num_frozen=source.num_frozen),
+        batch_size=batch_size,
+        sparsity=_sparsity(source),
+        spfde=_spfde(source),
+        device_training=dict(DEVICE_TRAINING),
+        stages=tuple(stages),
+        tolerances=dict(TOLERANCES),
+        files=files,
+        versions=versions(),
+        export_options=dataclasses.asdict(options),
+        train_config=config.to_dict(),
+    )

@@ -76,7 +76,9 @@ def run_pte(path: Path, x: torch.Tensor) -> np.ndarray:
 def run_onnx(path: Path, x: np.ndarray, input_name: str = INPUT_NAME) -> np.ndarray:
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    from device_runner.backends._ort import inference_options
+
+    session = onnxruntime.InferenceSession(str(path), inference_options(), providers=["CPUExecutionProvider"])
     return session.run(None, {input_name: x})[0]
 
 

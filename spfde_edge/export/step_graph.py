@@ -302,6 +302,8 @@ def check_step_graph(model: BlockModel, masks: dict[str, torch.Tensor], k: int, 
       artifacts from the same state: the two device backends must agree (issue 6: ≤ 1e-4).
     """
     import onnxruntime
+
+    from device_runner.backends._ort import inference_options
     from onnxruntime.training.api import CheckpointState, Module
 
     generator = torch.Generator().manual_seed(seed + 1)
@@ -309,9 +311,8 @@ def check_step_graph(model: BlockModel, masks: dict[str, torch.Tensor], k: int, 
     y = torch.randint(0, num_classes, (batch_size,), generator=generator)
     with np.load(graph.state_path) as data:
         state = {n: data[n] for n in data.files}
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
-    session = onnxruntime.InferenceSession(str(graph.path), options, providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(str(graph.path), inference_options(),
+                                           providers=["CPUExecutionProvider"])
     feeds = {n: state[n] for n in graph.inputs[:-2]}
     feeds[graph.inputs[-2]], feeds[graph.inputs[-1]] = x.numpy(), y.numpy()
     out = dict(zip(graph.outputs, session.run(None, feeds)))

@@ -1,0 +1,160 @@
+"""The current stage's frozen side: prefix chain, feature cache, and each stage's suffix trainer.
+
+At stage ``starts[position]`` blocks before ``k`` are frozen. They run as a chain: the
+bundle's prefix of the first stage (ExecuTorch or ONNX Runtime, or nothing at stage 0),
+then one ONNX Runtime *bridge* per later stage change with the device-trained weights of
+the blocks that froze there. Their output for a sample never changes within a stage, so
+it is cached per sample index (cache.py). Moving to the next stage carries the suffix's
+weights, masks, BatchNorm statistics and momentum into the next stage's artifacts.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .backends import executorch_prefix
+from .backends.blocks import block_of
+from .backends.ort_prefix import OrtBridge, OrtPrefix, PrefixChain
+from .bundle import Bundle
+from .cache import FeatureCache
+from .data import DeviceData, normalize
+from .errors import BundleError
+from .profile import Profile
+
+
+def choose_base_prefix(first_stage, wanted: str, threads: int):
+    """(the bundle prefix of the run's first stage or None, a sentence saying why)."""
+    if first_stage.k == 0 or first_stage.prefix_onnx is None:
+        return None, "none (stage 0 trains every block)"
+    _, why = executorch_prefix.available()
+    if wanted == "executorch":
+        if first_stage.prefix_pte is None:
+            raise BundleError("the profile asks for ExecuTorch but the bundle has no .pte prefix")
+        return (executorch_prefix.ExecuTorchPrefix(first_stage.prefix_pte, first_stage.pte_batch_size or 1),
+                f"executorch (profile prefix_backend: executorch; {why})")
+    # auto: ExecuTorch's Python bindings need torch (see backends/executorch_prefix.py).
+    return (OrtPrefix(first_stage.prefix_onnx, threads),
+            f"onnxruntime (profile prefix_backend: {wanted}; ExecuTorch: {why})")
+
+
+class StagePipeline:
+    """Features for the suffix at stage ``starts[position]``, and the move to the next stage.
+
+    ``frozen_params`` holds the device-trained weights of blocks frozen on the device; it
+    is run state (the checkpoint's ``frozen/`` arrays) and feeds the bridges.
+    """
+
+    def __init__(self, bundle: Bundle, profile: Profile, data: DeviceData, starts: list,
+                 suffix_class: type, cache_dir: Path, position: int = 0,
+                 frozen_params: dict[str, np.ndarray] | None = None):
+        self.bundle, self.profile, self.data = bundle, profile, data
+        self.starts = starts
+        self.suffix_class = suffix_class
+        self.cache_dir = cache_dir
+        self.position = position
+        self.frozen_params = {} if frozen_params is None else frozen_params
+        self.prefix = self._build_prefix()
+        self.cache = self._new_cache()
+
+    @property
+    def k(self) -> int:
+        """First trainable block of the current stage."""
+        return self.starts[self.position][0]
+
+    def new_trainer(self, suffix_state: Path | None = None):
+        """The current stage's suffix trainer, from the bundle or from a checkpoint's suffix state."""
+        stage = self.bundle.stage(self.k)
+        if suffix_state is None:
+            return self.suffix_class(stage, self.profile.threads)
+        return self.suffix_class(stage, self.profile.threads, suffix_state)
+
+    # --- building ---------------------------------------------------------------------------
+    def _build_prefix(self) -> PrefixChain:
+        first = self.bundle.stage(self.starts[0][0]) if self.starts else self.bundle.stages[0]
+        base, self.prefix_choice = choose_base_prefix(first, self.profile.prefix_backend, self.profile.threads)
+        bridges = []
+        for j in range(1, self.position + 1):
+            k_from, k_to = self.starts[j - 1][0], self.starts[j][0]
+            bridges.append(OrtBridge(self.bundle.stage(k_from).eval_model, k_from, k_to,
+                                     self.frozen_params, self.profile.threads))
+        return PrefixChain(base, bridges)
+
+    def _new_cache(self) -> FeatureCache:
+        location = self.profile.cache_location
+        if self.prefix.empty:
+            location = "none"
+        return FeatureCache(len(self.data), self.bundle.stage(self.k).feature_shape, location,
+                            self.profile.cache_max_mb, self.cache_dir)
+
+    def planned_cache_mb(self) -> float:
+        """Memory the feature cache takes when full, if it lives in memory (else 0)."""
+        if self.cache.enabled and self.cache.location == "memory":
+            return len(self.data) * self.cache.bytes_per_sample / 2**20
+        return 0.0
+
+    # --- features ---------------------------------------------------------------------------
+    def features(self, indices: np.ndarray) -> tuple[np.ndarray, int, float, float]:
+        """(features, cache hits, data seconds, prefix seconds) for dataset ``indices``."""
+        t0 = time.perf_counter()
+        hit = self.cache.lookup(indices)
+        missing = indices[~hit]
+        x = normalize(self.data.images[missing], self.bundle.mean, self.bundle.std) if missing.size else None
+        t1 = time.perf_counter()
+        if self.prefix.empty:
+            features = x
+        else:
+            features = np.empty((len(indices), *self.bundle.stage(self.k).feature_shape), np.float32)
+            if hit.any():
+                features[hit] = self.cache.get(indices[hit])
+            if missing.size:
+                computed = self.prefix.forward(x)
+                features[~hit] = computed
+                self.cache.put(missing, computed)
+        t2 = time.perf_counter()
+        return features, int(hit.sum()), t1 - t0, t2 - t1
+
+    def uncached_features(self, indices: np.ndarray) -> np.ndarray:
+        """The prefix's output for ``indices`` without the cache (what memory planning measures)."""
+        x = normalize(self.data.images[indices], self.bundle.mean, self.bundle.std)
+        return x if self.prefix.empty else self.prefix.forward(x)
+
+    def evaluate(self, trainer, indices: np.ndarray, batch_size: int) -> dict:
+        """Held-out accuracy and loss of ``trainer`` on ``indices``."""
+        correct, loss_sum = 0, 0.0
+        size = max(1, batch_size or 32)
+        labels = self.data.labels
+        for start in range(0, indices.size, size):
+            idx = indices[start:start + size]
+            features, *_ = self.features(idx)
+            loss, logits = trainer.eval_step(features, labels[idx])
+            correct += int((logits.argmax(1) == labels[idx]).sum())
+            loss_sum += loss * idx.size
+        return {"val_acc": correct / indices.size, "val_loss": loss_sum / indices.size}
+
+    # --- stage change -----------------------------------------------------------------------
+    def enter_stage(self, position: int, trainer):
+        """Move to ``starts[position]`` and return its suffix trainer, with ``trainer``'s state carried.
+
+        Blocks that freeze keep their device-trained weights (a new bridge runs them);
+        cached features are carried through that bridge instead of being recomputed.
+        """
+        old_k = self.k
+        self.position = position
+        new_k = self.k
+        current = {n: trainer.get_parameter(n) for n in trainer.parameter_names()}
+        for name, value in current.items():
+            if block_of(name) < new_k:
+                self.frozen_params[name] = value
+        successor = self.new_trainer()
+        for name in successor.parameter_names():
+            if name in current:
+                successor.set_parameter(name, current[name])
+        successor.momentum_buffers = {n: b for n, b in trainer.momentum_buffers.items() if block_of(n) >= new_k}
+        bridge = OrtBridge(self.bundle.stage(old_k).eval_model, old_k, new_k, self.frozen_params,
+                           self.profile.threads)
+        self.prefix = PrefixChain(self.prefix.base, self.prefix.bridges + [bridge])
+        if self.cache.enabled:
+            self.cache.transform(bridge.forward, feature_shape=self.bundle.stage(new_k).feature_shape)
+        return successor
