@@ -1,25 +1,53 @@
 """Open an exported bundle: its typed manifest plus the files it lists with their sha256.
 
 ``read_manifest`` (manifest.py) is the only reader of ``manifest.json``: it checks the format
-version and the JSON Schema. Here every listed file is checked for its size and sha256, and
-each stage is turned into the paths and names the backends load, before anything is loaded.
+version and the JSON Schema. Before anything is loaded, ``load_bundle`` checks, in order:
+the signature over the manifest's bytes (signing.py; required when trusted keys are
+configured), that every listed path is relative, without ``..``, and resolves inside the
+bundle folder after symlinks, that every file a backend opens is listed, and every listed
+file's size and sha256. What this covers and what not: docs/trust.md.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from .errors import BundleError
 from .files import sha256_file
-from .manifest import FileEntry, Manifest, StageEntry, read_manifest
+from .manifest import MANIFEST_NAME, FileEntry, Manifest, StageEntry, read_manifest
+from .signing import NO_KEYS, load_trusted_keys, signature_status
+
+
+def path_problem(root: Path, rel: str) -> str | None:
+    """Why the manifest path ``rel`` may not be opened, or None: it must be relative, without
+    ``..``, and resolve (after symlinks) to a file inside the bundle folder ``root``."""
+    pure = PurePosixPath(rel)
+    if not rel or pure.is_absolute() or PureWindowsPath(rel).is_absolute() or PureWindowsPath(rel).drive:
+        return f"{rel!r} is not a relative path inside the bundle"
+    if ".." in pure.parts or ".." in PureWindowsPath(rel).parts:
+        return f"{rel!r} climbs out of the bundle with '..'"
+    try:
+        real, inside = (Path(root) / rel).resolve(), Path(root).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a NUL byte
+        return f"{rel!r} cannot be resolved ({exc})"
+    if real != inside and inside not in real.parents:
+        return f"{rel} is a link to {real}, outside the bundle folder"
+    return None
+
+
+def path_problems(root: Path, files: dict[str, FileEntry]) -> list[str]:
+    return [problem for rel in sorted(files) if (problem := path_problem(root, rel)) is not None]
 
 
 def file_problems(root: Path, files: dict[str, FileEntry]) -> list[str]:
-    """What is wrong with the files a manifest lists: missing, wrong size or wrong sha256."""
-    problems = []
+    """What is wrong with the files a manifest lists: a path outside the bundle, missing,
+    wrong size or wrong sha256. A path outside the bundle is never opened."""
+    problems = path_problems(root, files)
     for rel, entry in sorted(files.items()):
         file = Path(root) / rel
+        if path_problem(root, rel) is not None:
+            continue
         if not file.is_file():
             problems.append(f"{rel} is missing")
         elif file.stat().st_size != entry.bytes:
@@ -56,6 +84,7 @@ class Bundle:
     root: Path
     manifest: Manifest
     stages: tuple[Stage, ...]
+    signature: str = NO_KEYS      # "signed by KEYID, verified", ... (signing.signature_status)
 
     @property
     def model_name(self) -> str:
@@ -111,23 +140,48 @@ def _stage(root: Path, entry: StageEntry) -> Stage:
     )
 
 
-def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
-    """Open the bundle in ``root``; with ``verify`` every file's size and sha256 is checked."""
+def stage_files(entry: StageEntry) -> list[str]:
+    """Every bundle path a backend may open for this stage (all must be listed in ``files``)."""
+    prefix, suffix, step = entry.prefix, entry.suffix, entry.suffix.step_graph
+    paths = [suffix.training_model, suffix.eval_model, suffix.optimizer_model, suffix.checkpoint]
+    if prefix is not None:
+        paths += [prefix.onnx, prefix.pte]
+    if step is not None:
+        paths += [step.model, step.state]
+    return paths
+
+
+def _damaged(root: Path, problems: list[str], fix: str) -> BundleError:
+    more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+    return BundleError(f"bundle {root} is damaged: {'; '.join(problems[:3])}{more}; {fix} (nothing was loaded)")
+
+
+def load_bundle(root: str | Path, verify: bool = True, trusted_keys: str | Path | None = None) -> Bundle:
+    """Open the bundle in ``root``; nothing in it is loaded before it passes every check.
+
+    ``trusted_keys``: a folder of ``*.pub`` keys; the bundle must then be signed by one of them.
+    With ``verify`` every listed file's size and sha256 is checked too (paths and the file
+    table are always checked: a manifest may not point outside its bundle).
+    """
     root = Path(root)
-    manifest = read_manifest(root)
+    trusted = load_trusted_keys(Path(trusted_keys)) if trusted_keys is not None else None
+    path = root / MANIFEST_NAME
+    raw = path.read_bytes() if root.is_dir() and path.is_file() else None
+    # The signature is checked on the very bytes that are parsed below.
+    signature = signature_status(root, raw, trusted, trusted_keys) if raw is not None else NO_KEYS
+    manifest = read_manifest(root, raw)
     files = manifest.files
+    unsafe = path_problems(root, files)
+    if unsafe:
+        raise _damaged(root, unsafe, "re-export the bundle and copy files, not links")
+    for entry in manifest.stages:
+        for rel in stage_files(entry):
+            if rel not in files:
+                raise BundleError(f"stage {entry.stage} names {rel}, which the manifest's file table "
+                                  "does not list (so its sha256 is not checked); re-export the bundle")
     if verify:
         problems = file_problems(root, files)
         if problems:
-            raise BundleError(f"bundle {root} is damaged: {'; '.join(problems[:3])}"
-                              f"{f' (+{len(problems) - 3} more)' if len(problems) > 3 else ''}; "
-                              "copy the bundle again (nothing was trained)")
+            raise _damaged(root, problems, "copy the bundle again")
     stages = tuple(sorted((_stage(root, e) for e in manifest.stages), key=lambda s: s.k))
-    listed = {str(root / rel) for rel in files}
-    for stage in stages:
-        for file in (stage.prefix_onnx, stage.prefix_pte, stage.training_model, stage.eval_model,
-                     stage.checkpoint, stage.step_model, stage.step_state):
-            if file is not None and str(file) not in listed:
-                raise BundleError(f"stage {stage.k} names {file.name}, which the manifest's file "
-                                  "table does not list; re-export the bundle")
-    return Bundle(root=root, manifest=manifest, stages=stages)
+    return Bundle(root=root, manifest=manifest, stages=stages, signature=signature)

@@ -7,15 +7,13 @@ fixed seed) is evaluated every epoch; it never enters training or the sieve.
 """
 from __future__ import annotations
 
-import csv
-import gzip
-import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .datasets import digits
 from .errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -40,23 +38,15 @@ def _resize(gray_or_rgb: np.ndarray, size: int) -> np.ndarray:
 
 
 def load_digits(size: int, classes: list[str]) -> DeviceData:
-    """scikit-learn's bundled 8×8 digits, read from its csv.gz (sklearn is not imported)."""
-    spec = importlib.util.find_spec("sklearn")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError("--data digits reads scikit-learn's bundled digits file; install "
-                        "scikit-learn (pip install scikit-learn) or use --data imagefolder:PATH")
-    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
-    if not path.is_file():
-        raise DataError(f"scikit-learn is installed but {path} is missing; reinstall it")
+    """The digits shipped in ``device_runner/datasets`` (no download, no scikit-learn)."""
     if len(classes) < 10:
         raise DataError(f"digits has 10 classes but the bundle's model has {len(classes)}; "
                         "export a model with --num-classes 10")
-    with gzip.open(path, "rt") as handle:
-        rows = np.array([[float(v) for v in row] for row in csv.reader(handle) if row])
+    pixels, labels = digits()
     # Pixels are 0..16; scale to 0..255 like every other image source.
-    pixels = np.round(rows[:, :64] * (255.0 / 16.0)).astype(np.uint8).reshape(-1, 8, 8)
-    images = np.stack([_resize(p, size) for p in pixels])
-    return DeviceData(images=images, labels=rows[:, 64].astype(np.int64), source=f"digits ({path})")
+    scaled = np.round(pixels * (255.0 / 16.0)).astype(np.uint8)
+    images = np.stack([_resize(p, size) for p in scaled])
+    return DeviceData(images=images, labels=labels, source="digits (shipped with device_runner)")
 
 
 def _class_map(folders: list[str], classes: list[str], root: Path) -> dict[str, int]:
@@ -103,6 +93,18 @@ def load_imagefolder(root: Path, size: int, classes: list[str], max_per_class: i
 
 
 def load_data(spec: str, size: int, classes: list[str], max_per_class: int | None = None) -> DeviceData:
+    """The run's data; refused unless it holds at least two classes (one class teaches nothing
+    and scores a meaningless accuracy of 1.0)."""
+    data = _load(spec, size, classes, max_per_class)
+    present = np.unique(data.labels)
+    if present.size < 2:
+        raise DataError(f"{data.source} holds readable images of one class only; "
+                        "training a classifier needs at least 2 classes: add a sub-folder of "
+                        "images per class")
+    return data
+
+
+def _load(spec: str, size: int, classes: list[str], max_per_class: int | None) -> DeviceData:
     if spec == "digits":
         data = load_digits(size, classes)
         if max_per_class is not None:

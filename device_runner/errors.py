@@ -28,3 +28,11 @@ class BudgetError(DeviceRunnerError):
 
 class RunError(DeviceRunnerError):
     """A run folder cannot be started or resumed (already used, missing, corrupt checkpoint)."""
+
+
+class TrustError(DeviceRunnerError):
+    """A signing key or a trusted keys folder is missing or not an Ed25519 key (docs/trust.md)."""
+
+
+class ExportError(DeviceRunnerError):
+    """``export-model``: the composed graph is invalid or does not reproduce the run's logits."""

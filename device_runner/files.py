@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -65,6 +66,28 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, data, indent: int | None = 2) -> None:
     atomic_write_text(path, json.dumps(data, indent=indent) + "\n")
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove the temporaries a killed writer left in ``folder`` and its direct sub-folders:
+    ``.NAME.*.tmp`` files of :func:`atomic_write` and ``.ckpt-*.tmp`` checkpoint folders.
+
+    ``kill -9`` skips the cleanup in :func:`atomic_write`, so a run removes them when it
+    starts or resumes; call it only while holding the run's lock (run_lock.py), so no live
+    writer's temporary is taken away. Returns what was removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for parent in [folder, *(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink())]:
+        for entry in parent.glob(".*.tmp"):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -7,8 +7,17 @@ of an epoch the held-out split is evaluated; at Δτ boundaries masks are pruned
 and the sieve exchanges samples. At a scheduled epoch the run moves to the next stage of
 the bundle, carrying weights, masks, BatchNorm statistics and momentum.
 
-Budgets are enforced as the run goes: peak RSS after every step (the cache is dropped,
-then the batch halved, before the budget is reached) and energy (checkpoint and stop).
+Budgets are enforced as the run goes: the batch and the feature cache are planned for the
+first stage and planned again on the real pipeline at every stage change (new sessions and
+bridges raise the peak); peak RSS is read after every step (the cache is dropped, then the
+batch halved, before the budget is reached; a step over the budget, or a stage where even
+batch 1 does not fit, checkpoints and stops with status "stopped: memory budget"); energy
+is checked after every step (checkpoint and stop). A stop request (SIGINT/SIGTERM, see
+:class:`StopRequest`) is honoured between steps: checkpoint and stop.
+
+A run folder belongs to one process at a time (run_lock.py); starting or resuming removes
+temporaries a killed process left behind, and a folder killed before its first checkpoint
+can simply be started again.
 
 The pieces this loop calls: stage_pipeline.py (prefix chain, feature cache, stage changes),
 budget.py (memory planning), stage_stats.py (per-stage timings), run_state.py (what a
@@ -17,6 +26,7 @@ checkpoint holds), run_config.py (the CLI's dataclass).
 from __future__ import annotations
 
 import math
+import shutil
 import tempfile
 import time
 from dataclasses import replace
@@ -24,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import budget, checkpoint, dst, run_state, schedule
+from . import budget, checkpoint, dst, run_lock, run_state, schedule
 from .backends import choose_suffix_backend
 from .bundle import Bundle, load_bundle
 from .data import DeviceData, load_data, stratified_split
@@ -40,6 +50,27 @@ from .stage_stats import PHASES, StageProfile, summarise_stages
 MAX_ROLLBACKS = 6
 DEFAULT_SIEVE = 0.2   # removed fraction when neither --sieve nor the bundle's plan sets one
 DRY_RUN_SAMPLES = 512
+STOPPED_MEMORY = "stopped: memory budget"
+STOPPED_ENERGY = "stopped: energy budget reached"
+STOPPED_INTERRUPTED = "stopped: interrupted"
+
+
+class StopRequest:
+    """A signal handler that asks the loop to stop; the loop looks between steps, so a stop
+    never lands inside a step or a checkpoint write. A second signal stops at once
+    (KeyboardInterrupt; the last complete checkpoint is still intact)."""
+
+    def __init__(self):
+        self.signal: int | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    def __call__(self, signum, frame=None) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
 
 
 def run_data(config: RunConfig, bundle: Bundle, dry_run: bool = False) -> DeviceData:
@@ -67,7 +98,11 @@ class Runner:
         self.out = Path(out)
         self.log = log
         self.profile: Profile = load_profile(config.profile, config.profile_overrides())
-        self.bundle: Bundle = load_bundle(config.bundle)
+        # Signature (when keys are configured), paths and sha256 checked before anything is loaded;
+        # a resumed run checks again, with the keys it started with (docs/trust.md).
+        self.bundle: Bundle = load_bundle(config.bundle,
+                                          trusted_keys=config.trusted_keys or self.profile.trusted_keys_dir)
+        log(f"bundle {self.bundle.root}: {self.bundle.signature}")
         if config.epochs < 1:
             raise RunError(f"--epochs must be at least 1, got {config.epochs}")
         self.data: DeviceData = run_data(config, self.bundle, dry_run)
@@ -113,6 +148,9 @@ class Runner:
         self.pending: dict = {}                      # what this epoch's start did, for its record
         self.pipeline: StagePipeline | None = None   # built by setup() or restore()
         self.trainer = None                          # a suffix backend (backends/__init__.py)
+        self.lock: run_lock.RunLock | None = None    # held by start()/resume() until run() ends
+        self.stop = StopRequest()                    # the CLI installs it as the SIGINT handler
+        self.memory_stop_reason = ""
 
     # --- the current stage (owned by self.pipeline) ------------------------------------------
     def new_pipeline(self, position: int = 0, frozen_params: dict | None = None) -> StagePipeline:
@@ -175,22 +213,48 @@ class Runner:
         return budget.measure_step_peak_mb(self.trainer, self.pipeline.uncached_features, self.data.labels,
                                            idx, self.momentum, self.weight_decay, steps)
 
-    def plan_batch(self) -> budget.BatchPlan:
-        """The largest batch that fits the memory budget; the feature cache goes if it does not fit too."""
+    def plan_batch(self, strict_forced: bool = True) -> budget.BatchPlan:
+        """The largest batch that fits the memory budget at the current stage, measured on its
+        real pipeline; the feature cache goes if it does not fit too. BudgetError when even
+        batch 1 does not fit, or (``strict_forced``) when ``--batch-size`` does not."""
         cap = min(self.profile.max_batch_size, max(1, self.sieve.active_indices.size))
         if self.config.batch_size is not None:
             cap = self.config.batch_size
-        peaks = {b: self.measure_peak(b) for b in budget.probe_batch_sizes(cap)}
+        usable_mb = self.profile.memory_mb * (1.0 - self.profile.headroom)
+        peaks = {}
+        for size in budget.probe_batch_sizes(cap):
+            peaks[size] = self.measure_peak(size)
+            if peaks[size] > usable_mb:
+                break  # a larger probe would only go further over the budget
+        self._note_peak(max(peaks.values()))  # the probes are part of the process's peak too
         cache_mb = self.pipeline.planned_cache_mb()
         plan, cache_fits = budget.plan_with_cache(peaks, self.profile.memory_mb, self.profile.headroom, cap,
                                                   cache_mb)
         if not cache_fits:
             self.pipeline.cache.drop()
             self._event("cache_disabled", f"the feature cache ({cache_mb:.0f} MB) does not fit the "
-                        "memory budget beside training; the prefix runs every step")
-        budget.check_forced_batch(plan, self.config.batch_size)
-        self.plan = budget.plan_record(plan, peaks, cache_mb)
+                        f"memory budget beside training at stage {self.stage_k}; the prefix runs every step")
+        if strict_forced:
+            budget.check_forced_batch(plan, self.config.batch_size)
+        record = {**budget.plan_record(plan, peaks, cache_mb), "stage": self.stage_k}
+        by_stage = {**self.plan.get("by_stage", {}), str(self.stage_k): record}
+        self.plan = {**(self.plan or record), "by_stage": by_stage}
         return plan
+
+    def replan(self, why: str) -> bool:
+        """Plan batch and cache again on the current stage (after a stage change, or on resuming
+        a run stopped for memory); False, with ``memory_stop_reason`` set, when nothing fits."""
+        try:
+            plan = self.plan_batch(strict_forced=False)
+        except BudgetError as exc:
+            self.memory_stop_reason = f"stage {self.stage_k}: {exc}"
+            return False
+        if plan.batch_size != self.batch_size:
+            self._event("memory", f"{why}: batch {self.batch_size} -> {plan.batch_size} (predicted peak "
+                        f"{plan.predicted_peak_mb:.0f} MB of {self.profile.memory_mb:.0f} MB at stage {self.stage_k})")
+        self.batch_size = plan.batch_size
+        budget.reset_peak()  # the probes are recorded; the first step is measured on its own
+        return True
 
     def setup(self) -> None:
         """A new run: plan, evaluate before training, write the first checkpoint."""
@@ -212,15 +276,33 @@ class Runner:
 
     # --- the run ------------------------------------------------------------------------------
     def run(self) -> dict:
+        """Train to the configured epochs, or stop cleanly at a budget or a stop request; the
+        run folder's lock is released when it returns."""
+        if self.lock is not None and not self.lock.held:
+            self.lock = run_lock.acquire(self.out)
+        try:
+            return self._run()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _run(self) -> dict:
         energy_budget = self.profile.energy_j
         while self.epoch < self.config.epochs:
+            if self.stop.requested:
+                return self._stop_interrupted()
             if self.energy_exhausted(energy_budget):
                 return self._stop_for_energy()
             if self.position == 0 and self.order is None:
-                self._start_epoch()
+                if not self._start_epoch():
+                    return self._stop_for_memory()
             outcome = self._train_epoch(energy_budget)
             if outcome == "energy":
                 return self._stop_for_energy()
+            if outcome == "memory":
+                return self._stop_for_memory()
+            if outcome == "interrupted":
+                return self._stop_interrupted()
             if outcome == "epoch":
                 self._end_epoch()
         self.status = "finished"
@@ -230,13 +312,25 @@ class Runner:
     def lrs(self, epoch_float: float) -> dict[int, float]:
         return self.schedule.lrs(epoch_float, self.lr_scale)
 
-    def _start_epoch(self) -> None:
+    def _start_epoch(self) -> bool:
         """What the host does at the start of an epoch, in its order: freeze (move to the
-        stage that is due), begin the mask update, exchange sieve samples; then shuffle."""
+        stage that is due), begin the mask update, exchange sieve samples; then shuffle.
+        False when the new stage does not fit the memory budget even at batch 1."""
         due = schedule.stage_at(self.starts, self.epoch)
-        while self.stage_pos < due:
-            self._enter_stage(self.stage_pos + 1)
+        if self.stage_pos < due:
             budget.reset_peak()
+            while self.stage_pos < due:
+                self._enter_stage(self.stage_pos + 1)
+            # The planner sized the first stage only; this stage's sessions, bridges and cache
+            # have their own peak (15-20 MB more on resnet32), so plan again before its first step.
+            moved = budget.peak_rss_mb()
+            self._note_peak(moved)
+            if moved > self.profile.memory_mb:
+                self.memory_stop_reason = (f"moving to stage {self.stage_k} took peak RSS {moved:.0f} MB, "
+                                           f"over the {self.profile.memory_mb:.0f} MB budget")
+                return False
+            if not self.replan(f"stage {self.stage_k} planned on its own pipeline"):
+                return False
         self.pending = {"mask_update": False, "regrown": 0, "pruned": 0, "sieve_swapped": 0}
         if self.algorithm.name != "static" and self.schedule.updates.is_update_epoch(self.epoch):
             fraction = self.schedule.updates.fraction(self.epoch)
@@ -247,6 +341,7 @@ class Runner:
             self.pending["sieve_swapped"] = int(self.sieve.update().moved_in.size)
         self.order = self.train_idx[self.rng.permutation(self.sieve.active_indices)]
         self.save()
+        return True
 
     def _dense_gradients(self) -> dict[str, np.ndarray]:
         """RigL's growth criterion on one batch of active samples, as the host draws it."""
@@ -257,8 +352,9 @@ class Runner:
         return dst.dense_gradients(self.trainer, features, self.data.labels[idx])
 
     def _train_epoch(self, energy_budget) -> str:
-        """Train the rest of this epoch: "epoch" when done, "energy" at the budget,
-        "rollback" after a non-finite loss restored the last checkpoint."""
+        """Train the rest of this epoch: "epoch" when done, "energy"/"memory" at a budget,
+        "interrupted" on a stop request, "rollback" after a non-finite loss restored the last
+        checkpoint. Every return is between whole steps."""
         k = self.stage_k
         profile = self.stage_profiles.setdefault(k, StageProfile(k))
         since_checkpoint = 0
@@ -285,10 +381,14 @@ class Runner:
             profile.batch_sizes.append(int(idx.size))
             profile.cache_hits.append(hits)
             profile.samples += int(idx.size)
-            self._check_memory(profile)
+            over_budget = self._check_memory(profile)
             self.meter.update(force=energy_budget is not None)  # exact per step under a budget
             profile.energy_j += self.meter.joules - energy_before
             profile.wall_s += time.perf_counter() - started
+            if over_budget:
+                return "memory"
+            if self.stop.requested:
+                return "interrupted"
             since_checkpoint += 1
             if since_checkpoint >= self.checkpoint_every and self.position < self.order.size:
                 self.save()
@@ -334,24 +434,42 @@ class Runner:
     def energy_exhausted(self, energy_budget) -> bool:
         return energy_budget is not None and self.meter.update(force=True) >= energy_budget
 
-    def _stop_for_energy(self) -> dict:
-        self.status = "stopped: energy budget reached"
-        self._event("energy", f"energy budget {self.profile.energy_j:g} J reached "
-                    f"({self.meter.joules:.1f} J, {self.meter.source}); checkpointed and stopped")
+    def _stop(self, status: str, kind: str, message: str) -> dict:
+        self.status = status
+        self._event(kind, message)
         self.save()
         return self.report()
 
-    def _check_memory(self, profile: StageProfile) -> None:
-        """Record the step's peak RSS; near the budget drop the in-memory cache, else halve the batch."""
+    def _stop_for_energy(self) -> dict:
+        return self._stop(STOPPED_ENERGY, "energy", f"energy budget {self.profile.energy_j:g} J reached "
+                          f"({self.meter.joules:.1f} J, {self.meter.source}); checkpointed and stopped")
+
+    def _stop_for_memory(self) -> dict:
+        return self._stop(STOPPED_MEMORY, "budget_exceeded",
+                          f"{self.memory_stop_reason}; checkpointed and stopped before training over the "
+                          f"budget: raise it (--resume {self.out} --memory-budget-mb MB) or use a later stage")
+
+    def _stop_interrupted(self) -> dict:
+        return self._stop(STOPPED_INTERRUPTED, "interrupted", f"signal {self.stop.signal}: checkpointed at "
+                          f"epoch {self.epoch + 1}, sample {self.position}; continue with --resume {self.out}")
+
+    def _note_peak(self, peak_mb: float) -> None:
+        self.global_peak_mb = max(self.global_peak_mb, peak_mb)
+
+    def _check_memory(self, profile: StageProfile) -> bool:
+        """Record the step's peak RSS; near the budget drop the in-memory cache, else halve the
+        batch. True (stop) when the step went over the budget: training never continues over it."""
         peak = budget.peak_rss_mb()
         profile.peak_rss_mb = max(profile.peak_rss_mb, peak)
-        self.global_peak_mb = max(self.global_peak_mb, peak)
+        self._note_peak(peak)
         limit = self.profile.memory_mb
         if peak > limit:
-            self._event("budget_exceeded", f"peak RSS {peak:.0f} MB exceeded the {limit:.0f} MB budget")
+            self.memory_stop_reason = (f"stage {self.stage_k}: peak RSS {peak:.0f} MB went over the "
+                                       f"{limit:.0f} MB budget at batch {self.batch_size}")
+            return True
         soft = limit * (1.0 - self.profile.headroom / 2)
         if peak <= soft:
-            return
+            return False
         cache = self.pipeline.cache
         if cache.enabled and cache.location == "memory":
             cache.drop()
@@ -361,6 +479,7 @@ class Runner:
             self._event("memory", f"peak RSS {peak:.0f} MB near the {limit:.0f} MB budget: batch "
                         f"halved to {self.batch_size}")
         budget.reset_peak()
+        return False
 
     def _rollback(self, loss: float) -> None:
         """NaN/inf loss: reload the last checkpoint and halve the learning rate."""
@@ -381,8 +500,15 @@ class Runner:
     def save(self) -> None:
         self.meter.update(force=True)
         meta, arrays = run_state.snapshot(self)
-        checkpoint.write(self.out, meta, arrays, self.trainer.save)
-        checkpoint.write_metrics(self.out, self.history, summarise_stages(self.stage_profiles, self.meter.measured))
+        try:
+            checkpoint.write(self.out, meta, arrays, self.trainer.save)
+            checkpoint.write_metrics(self.out, self.history,
+                                     summarise_stages(self.stage_profiles, self.meter.measured))
+        except OSError as exc:  # a full disk, a removed card: the last complete checkpoint stays
+            then = (f"start it again with --out {self.out}" if checkpoint.is_unfinished_start(self.out)
+                    else f"--resume {self.out}")
+            raise RunError(f"cannot write the checkpoint in {self.out} ({exc.strerror or exc}); the last "
+                           f"complete checkpoint is kept; free space, then {then}") from None
 
     def _event(self, kind: str, message: str) -> None:
         self.events.append({"epoch": self.epoch, "position": self.position, "kind": kind, "message": message,
@@ -396,25 +522,86 @@ class Runner:
         return report
 
 
-def start(config: RunConfig, log=print) -> Runner:
+def _claim(out: Path, log) -> run_lock.RunLock:
+    """Lock ``out`` for a new run and make sure it holds nothing else; a run killed before its
+    first checkpoint trained nothing, so its leftovers are cleared and it starts over."""
+    lock = run_lock.acquire(out)
+    try:
+        if checkpoint.is_unfinished_start(out):
+            log(f"{out} holds a run stopped before its first checkpoint; starting it over")
+            for entry in out.iterdir():
+                if entry.name == run_lock.LOCK_NAME:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        elif any(entry.name != run_lock.LOCK_NAME for entry in out.iterdir()):
+            raise RunError(f"--out {out} already holds files; use --resume {out} to continue it or "
+                           "choose a new folder")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _remove_stale(out: Path) -> None:
+    """What killed processes left: temporaries, unreferenced checkpoints, disk-cache files (the
+    cache is rebuilt after a resume). Only under the run's lock."""
+    checkpoint.remove_stale(out)
+    for leftover in (out / "cache").glob("features-*.f32"):
+        leftover.unlink(missing_ok=True)
+
+
+def start(config: RunConfig, log=print, stop: StopRequest | None = None) -> Runner:
     out = Path(config.out or "runs/device")
-    if out.exists() and any(out.iterdir()):
-        raise RunError(f"--out {out} already holds files; use --resume {out} to continue it or "
-                       "choose a new folder")
-    runner = Runner(config, out, log)  # checks bundle, profile and data before writing anything
-    out.mkdir(parents=True, exist_ok=True)
-    runner.setup()
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file; give a new or empty folder")
+    # A folder that is in use or holds files is refused before the slower checks below.
+    lock = _claim(out, log) if out.is_dir() and any(out.iterdir()) else None
+    try:
+        runner = Runner(config, out, log)  # checks bundle, profile and data before writing anything
+        if lock is None:
+            out.mkdir(parents=True, exist_ok=True)
+            lock = _claim(out, log)
+        runner.lock = lock
+        runner.stop = stop or runner.stop
+        checkpoint.mark_pending(out)  # removed by the first complete checkpoint
+        runner.setup()
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     return runner
 
 
-def resume(out: Path, log=print, energy_budget_j: float | None = None) -> Runner:
+def resume(out: Path, log=print, energy_budget_j: float | None = None, memory_budget_mb: float | None = None,
+           stop: StopRequest | None = None) -> Runner:
     out = Path(out)
+    lock = run_lock.acquire(out) if out.is_dir() else None  # else read() says what is missing
+    try:
+        runner = _resume_locked(out, log, energy_budget_j, memory_budget_mb)
+        runner.lock = lock
+        runner.stop = stop or runner.stop
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return runner
+
+
+def _resume_locked(out: Path, log, energy_budget_j: float | None, memory_budget_mb: float | None) -> Runner:
+    if out.is_dir():
+        _remove_stale(out)
     meta, arrays, ort = checkpoint.read(out)
     config = RunConfig.from_dict(meta["config"])
     if energy_budget_j is not None:
         config = replace(config, energy_budget_j=energy_budget_j)
-        meta["config"] = config.to_dict()
-    if meta["status"] == "finished":
+    if memory_budget_mb is not None:
+        config = replace(config, memory_budget_mb=memory_budget_mb)
+    meta["config"] = config.to_dict()
+    # A run killed after its last checkpoint but before report.json resumes to write the report.
+    if meta["status"] == "finished" and (out / "report.json").is_file():
         raise RunError(f"run {out} already finished its {config.epochs} epochs; start a new run "
                        "from its report or raise --epochs in a new run")
     runner = Runner(config, out, log)
@@ -426,6 +613,9 @@ def resume(out: Path, log=print, energy_budget_j: float | None = None) -> Runner
                 and runner.profile.energy_j <= stopped_at)):
         raise BudgetError(f"run {out} stopped at its energy budget ({runner.profile.energy_j:g} J, "
                           f"{meta['energy_j']:.1f} J used); raise budgets.energy_j in the profile to continue")
+    if meta["status"] == STOPPED_MEMORY and not runner.replan("resumed after a memory stop"):
+        raise BudgetError(f"run {out} stopped at its memory budget and still does not fit "
+                          f"({runner.memory_stop_reason}); resume with a larger --memory-budget-mb")
     runner.status = "running"
     log(f"resumed {out} at epoch {runner.epoch + 1}, sample {runner.position} (stage {runner.stage_k})")
     return runner

@@ -311,19 +311,20 @@ def write_manifest(root: Path, manifest: Manifest) -> Path:
     return path
 
 
-def read_manifest(root: Path) -> Manifest:
-    """The manifest of the bundle in ``root``; anything but this format version is refused."""
+def read_manifest(root: Path, raw: bytes | None = None) -> Manifest:
+    """The manifest of the bundle in ``root``; anything but this format version is refused.
+    ``raw``: the manifest's bytes already read (and signature-checked) by the caller."""
     root = Path(root)
     path = root / MANIFEST_NAME
     if not root.is_dir():
         raise BundleError(f"bundle folder {root} does not exist; export one with "
                           "python -m spfde_edge.export and copy the whole folder")
-    if not path.is_file():
+    if raw is None and not path.is_file():
         raise BundleError(f"{root} is not a bundle: no {MANIFEST_NAME}; export one with "
                           "python -m spfde_edge.export and copy the whole folder")
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = json.loads(path.read_bytes() if raw is None else raw, parse_constant=_refuse_constant)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, NaN or Infinity
         raise BundleError(f"{path} is not valid JSON ({exc}); copy the bundle again or "
                           f"{REEXPORT}") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
@@ -333,4 +334,13 @@ def read_manifest(root: Path) -> Manifest:
         raise BundleError(f"{path} has bundle format version {version!r}; this spfde-edge reads "
                           f"{FORMAT_VERSION}: {REEXPORT}, or update device_runner")
     validate(data)
+    model = data["model"]
+    if len(model["classes"]) != model["num_classes"]:
+        raise BundleError(f"{path} names {len(model['classes'])} classes but model.num_classes is "
+                          f"{model['num_classes']}; {REEXPORT}")
     return Manifest.from_dict(data)
+
+
+def _refuse_constant(name: str):
+    """NaN and Infinity are not JSON; Python's reader would let them past every bound."""
+    raise ValueError(f"{name} is not a JSON number")

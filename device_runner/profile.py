@@ -6,6 +6,7 @@ Schema that file uses), whose messages name the field and the board profile to f
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ def schema_problems(value, schema: dict, where: str = "") -> list[str]:
     if "enum" in schema and value not in schema["enum"]:
         problems.append(f"{here}: {value!r} is not one of {schema['enum']}")
     if _type_ok(value, "number"):
+        if not math.isfinite(value):
+            return [f"{here}: {value} is not a finite number"]
         if "minimum" in schema and value < schema["minimum"]:
             problems.append(f"{here}: {value} is below the minimum {schema['minimum']}")
         if "maximum" in schema and value > schema["maximum"]:
@@ -88,6 +91,7 @@ class Profile:
     prefix_backend: str
     checkpoint_every_steps: int
     suffix_backend: str = "auto"
+    trusted_keys_dir: str | None = None  # trust.keys_dir, relative to the profile's folder
     raw: dict = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict:
@@ -110,9 +114,15 @@ def load_profile(spec: str, overrides: dict | None = None) -> Profile:
     """Read, validate and complete a profile; ``overrides`` patch ``budgets``/``cache`` keys."""
     path = resolve_path(spec)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ProfileError(f"profile {path} is not a text file (not UTF-8); give a YAML profile "
+                           "like those in profiles/ (see profiles/README.md)") from None
     except yaml.YAMLError as exc:
         raise ProfileError(f"profile {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    except OSError as exc:
+        raise ProfileError(f"profile {path} cannot be read ({exc.strerror}); check the path "
+                           "and its permissions") from exc
     if not isinstance(raw, dict):
         raise ProfileError(f"profile {path} must be a YAML mapping (see profiles/README.md)")
     for section_key, value in (overrides or {}).items():
@@ -145,4 +155,12 @@ def load_profile(spec: str, overrides: dict | None = None) -> Profile:
         cache_max_mb=float(cache.get("max_mb", 256)),
         prefix_backend=raw.get("prefix_backend", "auto"),
         checkpoint_every_steps=int(raw.get("checkpoint_every_steps", 200)),
-        suffix_backend=raw.get("suffix_backend", "auto"), raw=raw)
+        suffix_backend=raw.get("suffix_backend", "auto"),
+        trusted_keys_dir=_keys_dir(path, raw.get("trust", {}).get("keys_dir")), raw=raw)
+
+
+def _keys_dir(profile_path: Path, keys_dir: str | None) -> str | None:
+    """``trust.keys_dir`` as an absolute path; a relative one is relative to the profile file."""
+    if keys_dir is None:
+        return None
+    return str((Path(profile_path).resolve().parent / Path(keys_dir).expanduser()).resolve())

@@ -25,7 +25,8 @@ def build_report(runner) -> dict:
         "config": runner.config.to_dict(),
         "profile": runner.profile.to_dict(),
         "bundle": {"root": str(runner.bundle.root), "model": runner.bundle.model_name,
-                   "stages": [s.k for s in runner.bundle.stages], "batch_size": runner.bundle.manifest.batch_size},
+                   "stages": [s.k for s in runner.bundle.stages], "batch_size": runner.bundle.manifest.batch_size,
+                   "signature": runner.bundle.signature},
         "backends": {"prefix": pipeline.prefix.name if pipeline is not None else None,
                      "prefix_choice": pipeline.prefix_choice if pipeline is not None else None,
                      "suffix": f"{runner.trainer.name if runner.trainer else None}, SGD with momentum in numpy",
@@ -64,11 +65,24 @@ def write_report(out: Path, report: dict) -> None:
     atomic_write_text(Path(out) / "report.json", json.dumps(report, indent=2) + "\n")
 
 
+_REPORT_KEYS = frozenset({"status", "epochs_done", "bundle", "backends", "accuracy", "data", "stages",
+                          "energy", "cache", "events", "history", "peak_rss_mb", "memory_budget_mb"})
+
+
 def load_report(out: Path) -> dict:
     path = Path(out) / "report.json"
     if not path.is_file():
         raise RunError(f"{out} has no report.json; run or resume it first")
-    return json.loads(path.read_text())
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunError(f"{path} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0]}); copy it "
+                       "again from the device, or resume an unfinished run to write it anew") from None
+    missing = sorted(_REPORT_KEYS - report.keys()) if isinstance(report, dict) else ["every field"]
+    if missing:
+        raise RunError(f"{path} is not a device_runner report (it lacks {', '.join(missing[:4])}); "
+                       "give the run folder that python -m device_runner wrote")
+    return report
 
 
 def _fmt(value, spec=".1f") -> str:
@@ -104,8 +118,9 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_html(report: dict, path: Path) -> Path:
-    """A page with the table and four plots (needs matplotlib)."""
+def write_html(report: dict, path: Path, evaluation: dict | None = None) -> Path:
+    """A page with the table and four plots (needs matplotlib), and the confusion matrix of
+    ``evaluation`` (the run's latest ``evaluate``) when given."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -145,5 +160,34 @@ def write_html(report: dict, path: Path) -> Path:
     page = (f"<!doctype html><meta charset='utf-8'><title>device_runner report</title>"
             f"<h1>device_runner: {html.escape(report['bundle']['model'])}</h1>"
             f"<pre>{html.escape(table(report))}</pre><img src='data:image/png;base64,{image}'>")
+    if evaluation is not None:
+        page += _confusion_html(evaluation, plt)
     path.write_text(page)
     return path
+
+
+def _confusion_html(evaluation: dict, plt) -> str:
+    """The evaluation's confusion matrix (rows: true class, columns: predicted) as a heading and image."""
+    import base64
+    import io
+
+    import numpy as np
+
+    classes, matrix = evaluation["confusion"]["classes"], np.asarray(evaluation["confusion"]["matrix"])
+    size = min(12.0, 3.0 + 0.35 * len(classes))
+    fig, ax = plt.subplots(figsize=(size, size))
+    shown = ax.imshow(matrix, cmap="Blues")
+    fig.colorbar(shown, ax=ax, shrink=0.8)
+    if len(classes) <= 30:
+        ax.set_xticks(range(len(classes)), classes, rotation=90)
+        ax.set_yticks(range(len(classes)), classes)
+    ax.set(xlabel="predicted", ylabel="true class",
+           title=f"{evaluation['name']}: top-1 {evaluation['top1']:.4f} on {evaluation['images']} images")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    image = base64.b64encode(buffer.getvalue()).decode()
+    return (f"<h2>evaluate: {html.escape(evaluation['name'])}</h2><p>{html.escape(evaluation['data'])}: "
+            f"top-1 {evaluation['top1']:.4f}, top-{evaluation['top5_k']} {evaluation['top5']:.4f}</p>"
+            f"<img src='data:image/png;base64,{image}'>")

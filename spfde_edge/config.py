@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 
@@ -53,7 +54,19 @@ class TrainConfig:
         checks = [
             (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
-            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (self.lr > 0 and math.isfinite(self.lr), f"--lr must be positive, got {self.lr}"),
+            (0.0 <= self.momentum < 1.0, f"--momentum must be in [0, 1), got {self.momentum}"),
+            (0.0 <= self.weight_decay < 1.0, f"--weight-decay must be in [0, 1), got {self.weight_decay}"),
+            (self.threads is None or self.threads >= 1,
+             f"--threads must be at least 1, got {self.threads}; leave it out for torch's choice"),
+            (self.input_size >= 1, f"--input-size must be at least 1 pixel, got {self.input_size}"),
+            (self.synthetic_size >= 1, f"--synthetic-size must be at least 1, got {self.synthetic_size}"),
+            (self.train_subset is None or self.train_subset >= 1,
+             f"--train-subset must be at least 1 sample, got {self.train_subset}"),
+            (self.width is None or (self.width > 0 and math.isfinite(self.width)),
+             f"--width must be a positive multiplier, got {self.width}"),
+            (0.0 <= self.max_frozen_fraction <= 1.0,
+             f"--max-frozen-fraction must be in [0, 1], got {self.max_frozen_fraction}"),
             (self.delta_tau >= 1, f"--delta-tau must be at least 1 epoch, got {self.delta_tau}"),
             (0.0 <= self.sparsity < 1.0, f"--sparsity must be in [0, 1), got {self.sparsity}"),
             (0.0 <= self.freeze_flops < 1.0, f"--freeze-flops must be in [0, 1), got {self.freeze_flops}"),
@@ -61,7 +74,10 @@ class TrainConfig:
             (0.0 < self.sieve_swap <= 1.0, f"--sieve-swap must be in (0, 1], got {self.sieve_swap}"),
             (0.0 < self.update_fraction < 1.0,
              f"--update-fraction must be in (0, 1), got {self.update_fraction}"),
-            (0.0 <= self.val_fraction < 1.0, f"--val-fraction must be in [0, 1), got {self.val_fraction}"),
+            # Every epoch reports held-out accuracy, so there must be a held-out split.
+            (0.0 <= self.val_fraction < 1.0,
+             f"--val-fraction must be in [0, 1), got {self.val_fraction}; 0 trains on everything "
+             "and reports no validation accuracy"),
             (self.distribution in ("uniform", "erk"),
              f"--distribution must be uniform or erk, got {self.distribution}"),
             (self.dst == "static" or self.sparsity > 0,

@@ -9,7 +9,7 @@ Datasets, chosen by name in :func:`load_dataset`:
 
 * ``cifar10`` / ``cifar100``: torchvision's copies; validation is carved from the train split.
 * ``imagefolder``: any folder of class sub-folders; decoded once and cached as ``.npz``.
-* ``digits``: scikit-learn's bundled 8×8 handwritten digits (no download).
+* ``digits``: the UCI 8×8 handwritten digits shipped in ``device_runner/datasets`` (no download).
 * ``synthetic``: deterministic coloured patterns for tests and smoke runs.
 
 Augmentation and batching work on tensors with an explicit ``torch.Generator``, so the data
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from device_runner.datasets import digits as shipped_digits
 from device_runner.files import atomic_write
 
 DEFAULT_CACHE_DIR = Path("~/.cache/spfde_edge")
@@ -143,6 +144,9 @@ def load_dataset(
         cache_dir=Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser(),
     )
     pool = DATASETS[name](request)
+    if np.unique(pool.labels).size < 2:
+        raise DataError(f"dataset {name!r} holds readable samples of one class only; training a "
+                        "classifier needs at least 2 classes: add a sub-folder of images per class")
     train_index, val_index = stratified_split(pool.labels, val_fraction, seed)
     if len(train_index) == 0:
         raise DataError(f"dataset {name!r} has no training samples left after the split")
@@ -283,6 +287,11 @@ def _list_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int, int,
             f"image folder {root} has no class sub-folders; put each class's images in "
             f"{root}/<class name>/"
         )
+    if len(classes) < 2:  # refused before anything is decoded or cached
+        raise DataError(
+            f"image folder {root} has one class sub-folder ({classes[0]}); training a classifier "
+            f"needs at least 2 classes: add a sub-folder of images per class"
+        )
     files = []
     for label, class_name in enumerate(classes):
         rows = []
@@ -395,16 +404,14 @@ def _load_imagefolder(request: _Request) -> _Pool:
 
 
 def _load_digits(request: _Request) -> _Pool:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
+    pixels, labels = shipped_digits()
     # Values are 0..16; scale to the 0..255 range of every other dataset.
-    gray = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    gray = np.round(pixels * (255.0 / 16.0)).astype(np.uint8)[:, None]
     gray = _resize_uint8(gray, request.input_size)
     return _Pool(
         images=np.ascontiguousarray(np.repeat(gray, 3, axis=1)),
-        labels=digits.target.astype(np.int64),
-        classes=[str(d) for d in digits.target_names],
+        labels=labels,
+        classes=[str(d) for d in range(10)],
     )
 
 

@@ -5,6 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from device_runner.cli import ArgumentParser
+
 from .checkpoint import CheckpointError
 from .config import ConfigError, TrainConfig
 from .data import DataError
@@ -24,7 +26,7 @@ DATASETS = ("cifar10", "cifar100", "imagefolder", "digits", "synthetic")
 
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m spfde_edge.train",
         description="Train with SpFDE: dynamic sparse training, progressive layer freezing and "
                     "circular data sieving. Options left out take the defaults shown.",
@@ -51,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--download", action="store_true", help="let torchvision download CIFAR (internet)")
     data.add_argument("--input-size", type=int, help=f"image side in pixels (default {d.input_size})")
     data.add_argument("--val-fraction", type=float,
-                      help=f"validation split carved from the training set, fixed seed (default {d.val_fraction})")
+                      help=f"validation split carved from the training set, fixed seed; 0 for none "
+                           f"(no validation accuracy is reported) (default {d.val_fraction})")
     data.add_argument("--synthetic-size", type=int, help=f"samples of --dataset synthetic (default {d.synthetic_size})")
     data.add_argument("--train-subset", type=int,
                       help="train on a seeded, class-balanced subset of this many samples (short runs)")
@@ -97,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             config = TrainConfig(**args).validate()
             out = out or f"runs/{config.model}-{config.dataset}"
+            if Path(out).exists() and not Path(out).is_dir():
+                raise ConfigError(f"--out {out} is a file; the run needs a new or empty folder")
             run = trainer_mod.start(config, Path(out))
         summary = run.run(stop_after=stop_after)
         if not run.dist.is_main:
@@ -104,12 +109,17 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # e.g. a full disk: atomic writes keep the last complete checkpoint
+        print(f"error: cannot write the run ({exc.strerror or exc}); the last complete checkpoint is "
+              "kept: free space, then --resume", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; the last completed epoch is in the checkpoint (use --resume)", file=sys.stderr)
         return 130
     finally:
         shutdown()
-    print(f"done: {summary['epochs_done']} epochs, val_acc {summary['val_acc']:.4f}, "
+    val = "-" if summary["val_acc"] is None else f"{summary['val_acc']:.4f}"
+    print(f"done: {summary['epochs_done']} epochs, val_acc {val}, "
           f"training FLOPs {summary['train_flops']:.3e} ({summary['reduction_vs_sparse']:.1%} below the "
           f"sparse reference, {summary['reduction_vs_dense']:.1%} below dense), "
           f"peak RSS {summary['peak_rss_mb']:.0f} MB -> {run.out}")

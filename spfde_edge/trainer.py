@@ -32,6 +32,9 @@ from .distributed import (DistContext, all_gather_rows, all_reduce_mean_, all_re
 from .models import BlockModel, create_model
 from .sieve import DataSieve
 from .sparsity.dst import UpdateSchedule, dense_gradient, get_algorithm
+from device_runner import run_lock
+from device_runner.errors import RunError
+from device_runner.files import remove_stale_temporaries
 from device_runner.method.schedule import is_interval_boundary
 from .sparsity.masks import MaskSet
 
@@ -157,7 +160,8 @@ class Trainer:
 
     def _freeze_block(self, block_index: int) -> None:
         """Freeze blocks up to ``block_index``: they leave the optimizer with their state."""
-        num_frozen = block_index + 1
+        # Never undoes freezing: a checkpoint brought home from a device may be ahead of the plan.
+        num_frozen = max(block_index + 1, self.model.num_frozen)
         self.model.freeze_prefix(num_frozen)
         keep = [g for g in self.optimizer.param_groups if g["block"] >= num_frozen]
         for group in self.optimizer.param_groups:
@@ -238,10 +242,10 @@ class Trainer:
         return EpochResult(loss_sum / max(seen, 1), correct_sum / max(seen, 1), int(seen), steps)
 
     @torch.no_grad()
-    def evaluate(self) -> tuple[float, float]:
-        """Top-1 accuracy and loss on the held-out validation split."""
+    def evaluate(self) -> tuple[float | None, float | None]:
+        """Top-1 accuracy and loss on the held-out validation split (None without one)."""
         if len(self.data.val) == 0:
-            return float("nan"), float("nan")
+            return None, None
         self.model.eval()
         indices = np.arange(self.dist.rank, len(self.data.val), self.dist.world_size)
         loss_sum, correct = 0.0, 0
@@ -289,7 +293,8 @@ class Trainer:
             record = self.history[-1]
             if self.dist.is_main:
                 print(f"epoch {epoch + 1:>4}/{config.epochs}  loss {record['loss']:.4f}  "
-                  f"train {record['train_acc']:.3f}  val {val_acc:.3f}  frozen {record['frozen_blocks']}"
+                  f"train {record['train_acc']:.3f}  val {'-' if val_acc is None else format(val_acc, '.3f')}"
+                  f"  frozen {record['frozen_blocks']}"
                   f"  samples {record['samples']}  sparsity {record['sparsity']:.3f}  "
                   f"GFLOPs {record['train_flops'] / 1e9:.2f}  {wall_s:.1f}s", flush=True)
         summary = self.summary()
@@ -339,7 +344,7 @@ class Trainer:
         last = self.history[-1] if self.history else {}
         return {
             "config": self.config.to_dict(), "epochs_done": self.epoch,
-            "val_acc": last.get("val_acc"), "best_val_acc": max((r["val_acc"] for r in self.history), default=None),
+            "val_acc": last.get("val_acc"), "best_val_acc": max((r["val_acc"] for r in self.history if r["val_acc"] is not None), default=None),
             "train_flops": t["train_flops"],
             "dense_reference_flops": t["dense_reference_flops"],
             "sparse_reference_flops": t["sparse_reference_flops"],
@@ -388,6 +393,11 @@ class Trainer:
                                   f"{str(exc).splitlines()[0]}") from exc
         self.masks.load_state_dict(state["masks"])
         self.freezer.load_state_dict(state["freeze_plan"])
+        # The saved plan, not the one __init__ derived from the config, sets the LR curves, and the
+        # saved normalisation is the model's (a device model keeps its bundle's): docs/device.md.
+        self.active_epochs = block_active_epochs(self.freezer.plan, self.num_blocks, self.config.epochs)
+        self.data.mean = tuple(state.get("mean", self.data.mean))
+        self.data.std = tuple(state.get("std", self.data.std))
         self.model.freeze_prefix(state["num_frozen"])
         self.optimizer = torch.optim.SGD(self._param_groups(state["num_frozen"]), lr=self.config.lr,
                                          momentum=self.config.momentum,
@@ -437,14 +447,40 @@ def _distributed(config: TrainConfig) -> tuple[DistContext, torch.device]:
     return init_from_env(resolve_device(config.device))
 
 
+def _lock(out: Path) -> run_lock.RunLock:
+    """Rank 0's exclusive lock on the run folder (another process using it is refused, naming its
+    pid), then the temporaries a killed write left behind are removed."""
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = run_lock.acquire(out)
+    except RunError as exc:
+        raise CheckpointError(str(exc)) from None
+    remove_stale_temporaries(out)
+    return lock
+
+
 def start(config: TrainConfig, out: Path) -> Trainer:
-    """A new run in ``out``; refuses a folder that already holds one."""
+    """A new run in ``out``; refuses a folder that already holds one or is in use."""
     out = Path(out)
-    if (out / CHECKPOINT_NAME).exists():
-        raise CheckpointError(f"{out} already holds a run; continue it with --resume {out} "
-                              "or choose another --out")
-    ctx, device = _distributed(config.validate())
-    trainer = Trainer(config, out, dist_ctx=ctx, device=device)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out {out} is a file; choose a folder for the run")
+    lock = _lock(out) if out.is_dir() and any(out.iterdir()) else None  # in use? named before the rest
+    try:
+        if (out / CHECKPOINT_NAME).exists():
+            raise CheckpointError(f"{out} already holds a run; continue it with --resume {out} "
+                                  "or choose another --out")
+        ctx, device = _distributed(config.validate())
+        trainer = Trainer(config, out, dist_ctx=ctx, device=device)  # checks data before writing
+        if lock is None and ctx.is_main:
+            lock = _lock(out)
+            if (out / CHECKPOINT_NAME).exists():  # another start won the race for this folder
+                raise CheckpointError(f"{out} already holds a run; continue it with --resume {out} "
+                                      "or choose another --out")
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    trainer.run_lock = lock  # held while the trainer lives; released by the kernel at exit
     torch.manual_seed(config.seed + 3)  # dropout (mobilenet_v2) draws from the global RNG
     return trainer
 
@@ -461,8 +497,15 @@ def resume(out: Path, overrides: dict | None = None) -> Trainer:
             raise ConfigError(f"--{key.replace('_', '-')} {value} differs from the run in {out} "
                               f"({getattr(config, key)}); drop it or start a new run")
     ctx, device = _distributed(config)
-    trainer = Trainer(config, Path(out), dist_ctx=ctx, device=device)
-    trainer.load_state_dict(state)
+    lock = _lock(Path(out)) if ctx.is_main else None
+    try:
+        trainer = Trainer(config, Path(out), dist_ctx=ctx, device=device)
+        trainer.load_state_dict(state)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    trainer.run_lock = lock
     if trainer.epoch >= config.epochs and ctx.is_main:
         print(f"{out} already finished {trainer.epoch} epochs; nothing to do")
     return trainer

@@ -25,20 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 STAGES = (14, 15, 16)
 
 
-@pytest.fixture(scope="session")
-def bundle_dir(tmp_path_factory) -> Path:
-    import spfde_edge.export.prefix as prefix_io
-    from spfde_edge.export import ExportOptions, export_bundle
-
-    out = tmp_path_factory.mktemp("bundle") / "r32"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(prefix_io, "export_prefix_pte", lambda prefix, example, path: path.write_bytes(b"stub"))
-        patch.setattr(prefix_io, "run_pte",
-                      lambda path, x: prefix_io.run_onnx(path.with_name(prefix_io.ONNX_FILE), x.numpy()))
-        export_bundle(ExportOptions(model="resnet32", width=0.25, input_size=16, stages="14-16",
-                                    batch_size=16, epochs=30, delta_tau=2, out=str(out), parity_steps=2),
-                      log=lambda line: None)
-    return out
+# bundle_dir (the session's small exported bundle) is in conftest.py, shared with test_trust.py.
 
 
 @pytest.fixture(scope="session")
@@ -60,7 +47,7 @@ def image_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def torch_blocker(tmp_path_factory) -> Path:
-    """A folder that makes ``import torch``/``torchvision``/``spfde_edge`` fail, logging each try."""
+    """A folder that makes ``import torch``/``torchvision``/``sklearn``/``spfde_edge`` fail, logging each try."""
     folder = tmp_path_factory.mktemp("blocker")
     body = ("import os\n"
             "with open(os.environ['IMPORT_LOG'], 'a') as log:\n"
@@ -68,6 +55,7 @@ def torch_blocker(tmp_path_factory) -> Path:
             "raise ImportError(__name__ + ' is blocked in this test')\n")
     (folder / "torch.py").write_text(body)
     (folder / "torchvision.py").write_text(body)
+    (folder / "sklearn.py").write_text(body)  # --data digits ships with the package
     (folder / "spfde_edge").mkdir()
     (folder / "spfde_edge" / "__init__.py").write_text(body)
     return folder
@@ -321,6 +309,18 @@ def test_plan_batch_arithmetic():
     assert plan_batch({2: 104.0, 8: 116.0}, 200.0, 0.1, 128, extra_mb=60).batch_size == 8
     with pytest.raises(BudgetError, match="batch 1 needs about 102 MB"):
         plan_batch({2: 104.0, 8: 116.0}, 110.0, 0.1, 128)
+
+
+def test_digits_demo_needs_only_the_device_install(bundle_dir, torch_blocker, tmp_path):
+    """README's device example reads ``--data digits``: shipped with the package, so it runs
+    where torch, torchvision, scikit-learn and the host package cannot be imported."""
+    log = tmp_path / "imports.log"
+    result = run_cli(["--bundle", str(bundle_dir), "--profile", "generic-x86", "--data", "digits",
+                      "--max-per-class", "10", "--epochs", "2", "--freeze-at", "1,1",
+                      "--out", str(tmp_path / "run")], torch_blocker, log)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["data"]["source"].startswith("digits (shipped") and report["data"]["samples"] == 100
 
 
 def test_memory_budget_too_small_is_a_clear_error(bundle_dir, tmp_path):

@@ -88,6 +88,17 @@ def test_resume_is_bit_exact(tmp_path):
     assert read_metrics(tmp_path / "split")[-1]["loss"] == read_metrics(tmp_path / "straight")[-1]["loss"]
 
 
+def test_val_fraction_zero_trains_on_everything_and_reports_no_accuracy(tmp_path, capsys):
+    """No validation split: every sample trains, and the outputs say null, never NaN."""
+    config = SPFDE.replace(epochs=1, freeze_flops=0.0, sieve=0.0, val_fraction=0.0)
+    trainer = start(config, tmp_path / "run")
+    summary = trainer.run()
+    assert len(trainer.data.train) == config.synthetic_size and len(trainer.data.val) == 0
+    assert summary["val_acc"] is None and summary["best_val_acc"] is None
+    text = (tmp_path / "run" / "metrics.jsonl").read_text() + (tmp_path / "run" / "summary.json").read_text()
+    assert "NaN" not in text and json.loads(text.splitlines()[0])["val_acc"] is None
+
+
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys):
     cases = [
         ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "missing"), "--out", str(tmp_path / "a")],

@@ -6,9 +6,11 @@ import signal
 import sys
 from pathlib import Path
 
+from device_runner.cli import ArgumentParser
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m spfde_edge.export",
         description="Export a model (trained checkpoint or fresh) as an SpFDE device bundle: per "
                     "freezing stage, the frozen prefix as ExecuTorch (.pte, XNNPACK) and ONNX "
@@ -20,13 +22,18 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m spfde_edge.export --checkpoint runs/r32-90/checkpoint.pt --out export/r32-90\n"
                "  python -m spfde_edge.export --model resnet18 --stages 4-6 --batch-size 32 "
                "--input-size 32 --num-classes 10 --out export/r18\n"
-               "  python -m spfde_edge.export --inspect export/r18",
+               "  python -m spfde_edge.export --model resnet18 --out export/r18 --sign-key keys/release.key\n"
+               "  python -m spfde_edge.export --inspect export/r18 [--trusted-keys keys/]\n"
+               "  python -m spfde_edge.export --from-device runs/dev --format pte --out model.pte",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_argument_group("what to export (one of)")
     what.add_argument("--model", help="registered model name (fresh weights), or a check that "
                                       "--checkpoint holds this model")
     what.add_argument("--checkpoint", metavar="PATH",
                       help="checkpoint.pt written by spfde_edge.train (or its run folder)")
+    what.add_argument("--from-device", metavar="RUN",
+                      help="the model a device run trained (python -m device_runner --out RUN), brought "
+                           "home and written whole as one XNNPACK .pte (needs --format pte)")
     what.add_argument("--inspect", metavar="BUNDLE",
                       help="print what a bundle holds (stages, files, sizes, sparsity per layer) "
                            "after re-verifying every sha256; exports nothing")
@@ -41,9 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="device batch: the .pte's fixed batch and the parity batch "
                              "(default: the run's batch size, 64 for a fresh model)")
     bundle.add_argument("--input-size", type=int, help="image side in pixels (default: the run's, 32 fresh)")
+    bundle.add_argument("--format", choices=("bundle", "pte"), default="bundle",
+                        help="bundle (default), or pte with --from-device: image (float32 pixels 0..255) "
+                             "-> logits in one ExecuTorch program, written to --out (default export/RUN.pte)")
     bundle.add_argument("--force", action="store_true",
                         help="replace an existing bundle of another model in --out")
-    bundle.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17; ORT 1.19 loads <= 21)")
+    bundle.add_argument("--opset", type=int, default=17, help="ONNX opset, 14-20 (default 17)")
     bundle.add_argument("--no-step-graph", dest="step_graph", action="store_false",
                         help="skip step.onnx, the standard-ONNX training step that plain onnxruntime "
                              "runs (needed on aarch64; adds about a minute per stage)")
@@ -51,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seed of a fresh model's weights and masks, and of the parity batches (default 0)")
     bundle.add_argument("--parity-steps", type=int, default=10,
                         help="ORT vs PyTorch training steps checked per stage (default 10)")
+    trust = p.add_argument_group("trust (docs/trust.md)")
+    trust.add_argument("--sign-key", metavar="KEY",
+                       help="sign the bundle's manifest.json with this Ed25519 private key (made by "
+                            "python -m device_runner keygen --out keys/); writes manifest.json.sig")
+    trust.add_argument("--trusted-keys", metavar="DIR",
+                       help="with --inspect: check the signature against the NAME.pub keys in DIR")
     fresh = p.add_argument_group("fresh model only (a checkpoint carries its own)")
     fresh.add_argument("--num-classes", type=int, help="default 10")
     fresh.add_argument("--width", type=float, help="channel multiplier (default: the model's)")
@@ -76,14 +92,26 @@ def main(argv: list[str] | None = None) -> int:
     from spfde_edge.models import ModelError
     from spfde_edge.sparsity.masks import SparsityError
 
+    from device_runner.errors import TrustError
+
     from . import BundleError, ExportOptions, ParityError, export_bundle, inspect_bundle
 
     try:
-        if args.inspect is not None:
-            if args.model or args.checkpoint:
-                raise BundleError("--inspect reads a bundle; drop --model/--checkpoint")
-            print(inspect_bundle(Path(args.inspect)))
+        if args.from_device is not None or args.format == "pte":
+            if args.from_device is None or args.format != "pte" or args.model or args.checkpoint or args.inspect:
+                raise BundleError("--from-device RUN goes with --format pte alone; for a bundle, bring the run "
+                                  "home first (python -m spfde_edge.import RUN --out runs/x) and export "
+                                  "--checkpoint runs/x")
+            from .trained import export_trained_pte
+            export_trained_pte(args.from_device, args.out, args.batch_size)
             return 0
+        if args.inspect is not None:
+            if args.model or args.checkpoint or args.sign_key:
+                raise BundleError("--inspect reads a bundle; drop --model/--checkpoint/--sign-key")
+            print(inspect_bundle(Path(args.inspect), args.trusted_keys))
+            return 0
+        if args.trusted_keys:
+            raise BundleError("--trusted-keys checks a bundle with --inspect; to sign an export give --sign-key")
         options = ExportOptions(
             model=args.model, checkpoint=args.checkpoint, out=args.out, stages=args.stages,
             batch_size=args.batch_size, input_size=args.input_size, num_classes=args.num_classes,
@@ -91,11 +119,11 @@ def main(argv: list[str] | None = None) -> int:
             distribution=args.distribution, freeze_flops=args.freeze_flops, epochs=args.epochs,
             delta_tau=args.delta_tau, seed=args.seed, force=args.force, opset=args.opset,
             parity_steps=args.parity_steps, step_graph=args.step_graph)
-        export_bundle(options)
+        export_bundle(options, sign_key=args.sign_key)
     except ParityError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except (BundleError, CheckpointError, ConfigError, FreezeError, ModelError, SparsityError) as exc:
+    except (BundleError, CheckpointError, ConfigError, FreezeError, ModelError, SparsityError, TrustError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -1,11 +1,10 @@
-"""``--inspect``: what a bundle holds, after re-verifying every file's sha256."""
+"""``--inspect``: what a bundle holds, after the checks the device makes (signature, paths, sha256)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from device_runner.bundle import file_problems
-from device_runner.errors import BundleError
-from device_runner.manifest import Manifest, read_manifest
+from device_runner.bundle import load_bundle
+from device_runner.manifest import Manifest
 
 from .parity import parity_line
 
@@ -40,13 +39,12 @@ def summary(manifest: Manifest, root: Path) -> str:
     return "\n".join(lines)
 
 
-def inspect_bundle(root: Path) -> str:
-    """Describe the bundle in ``root`` after re-verifying every file's sha256."""
+def inspect_bundle(root: Path, trusted_keys: Path | None = None) -> str:
+    """Describe the bundle in ``root`` after the device's own checks (``load_bundle``): its
+    signature (against ``trusted_keys`` when given), paths inside the bundle, every sha256."""
     root = Path(root)
-    manifest = read_manifest(root)
-    problems = file_problems(root, manifest.files)
-    if problems:
-        raise BundleError(f"bundle {root} is damaged: {'; '.join(problems[:5])}; re-export it")
+    bundle = load_bundle(root, verify=True, trusted_keys=trusted_keys)
+    manifest = bundle.manifest
     model, spfde, sparsity = manifest.model, manifest.spfde, manifest.sparsity
     lines = [summary(manifest, root), "",
              f"classes: {', '.join(model.classes[:20])}{' …' if len(model.classes) > 20 else ''}",
@@ -61,7 +59,8 @@ def inspect_bundle(root: Path) -> str:
     for layer in sparsity.layers:
         lines.append(f"  {layer.name:<40} {'x'.join(map(str, layer.shape)):>16} "
                      f"density {layer.density:.3f}{'' if layer.masked else ' (dense)'}")
-    lines.append("files (sha256 verified):")
+    lines.append(f"signature: {bundle.signature}")
+    lines.append("files (inside the bundle, sha256 verified):")
     for rel, entry in manifest.files.items():
         lines.append(f"  {rel:<36} {entry.bytes:>12,d} B  {entry.sha256[:16]}…")
     lines.append("exported with " + ", ".join(f"{k} {v}" for k, v in manifest.versions.items()))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from device_runner import signing
 from device_runner.errors import BundleError
 from device_runner.manifest import MANIFEST_NAME, read_manifest, write_manifest
 from spfde_edge import cost
@@ -27,6 +28,9 @@ from . import suffix as suffix_io
 from .inspect import model_identity, summary
 from .parity import check_ir_versions, check_parity, parity_line
 from .source import Source, load_source, resolve_stages
+
+
+OPSETS = (14, 20)   # --opset range: lowest tested, highest the TorchScript exporter writes
 
 
 @dataclass(frozen=True)
@@ -55,20 +59,48 @@ class ExportOptions:
     parity_steps: int = 10
     parity_lr: float = 0.01
 
+    def validate(self) -> "ExportOptions":
+        """Refuse values that cannot work (BundleError naming the option); ``None`` means the
+        checkpoint's value or the fresh-model default, never a stand-in for a bad value."""
+        checks = [
+            (self.batch_size is None or self.batch_size >= 1,
+             f"--batch-size must be at least 1, got {self.batch_size}"),
+            (self.input_size is None or self.input_size >= 1,
+             f"--input-size must be at least 1 pixel, got {self.input_size}"),
+            (self.num_classes is None or self.num_classes >= 2,
+             f"--num-classes must be at least 2 (a classifier needs two classes), got {self.num_classes}"),
+            (self.epochs is None or self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
+            (self.delta_tau is None or self.delta_tau >= 1,
+             f"--delta-tau must be at least 1 epoch, got {self.delta_tau}"),
+            (OPSETS[0] <= self.opset <= OPSETS[1],
+             f"--opset must be between {OPSETS[0]} and {OPSETS[1]} (the TorchScript ONNX exporter "
+             f"and ONNX Runtime 1.19 both support these), got {self.opset}; the default is 17"),
+            (self.parity_steps >= 1, f"--parity-steps must be at least 1 (every export checks "
+                                     f"parity before writing a bundle), got {self.parity_steps}"),
+            (self.parity_batch_size >= 1, f"parity_batch_size must be at least 1, got {self.parity_batch_size}"),
+            (self.parity_lr > 0, f"parity_lr must be positive, got {self.parity_lr}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise BundleError(message)
+        return self
 
-def export_bundle(options: ExportOptions, log: Callable[[str], None] = print) -> Path:
-    """Export the bundle described by ``options``; returns its folder."""
+
+def export_bundle(options: ExportOptions, log: Callable[[str], None] = print,
+                  sign_key: str | Path | None = None) -> Path:
+    """Export the bundle described by ``options``; returns its folder. With ``sign_key`` (an
+    Ed25519 key from ``python -m device_runner keygen``) the manifest is signed before the
+    bundle is renamed into place. The key is not an export option: it is not written anywhere."""
     started = time.perf_counter()
+    options.validate()
+    if sign_key is not None:
+        signing.load_private_key(Path(sign_key))  # a bad key fails now, not after the export
     source = load_source(options)
     stages = resolve_stages(options.stages, source)
     out = Path(options.out or Path("export") / source.config.model)
     _check_out(out, source, options.force)
-    batch_size = options.batch_size or source.config.batch_size
-    if batch_size < 1:
-        raise BundleError(f"--batch-size must be at least 1, got {batch_size}")
+    batch_size = source.config.batch_size if options.batch_size is None else options.batch_size
     size = source.input_size if options.input_size is None else options.input_size
-    if size < 1:
-        raise BundleError(f"--input-size must be positive, got {size}")
     source.input_size = size
     example = torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(options.seed))
     log(f"exporting {source.config.model} ({'checkpoint ' + source.checkpoint if source.checkpoint else 'fresh'}), "
@@ -87,6 +119,10 @@ def export_bundle(options: ExportOptions, log: Callable[[str], None] = print) ->
         manifest = manifest_io.build_manifest(source, options, entries, files, batch_size,
                                               time.perf_counter() - started)
         write_manifest(tmp, manifest)
+        if sign_key is not None:
+            # Signed last and inside the temporary folder: the signature covers the final manifest,
+            # which covers every file, and no unsigned bundle is ever visible at ``out``.
+            log(f"signed {MANIFEST_NAME} with key {signing.sign_manifest(tmp, Path(sign_key))}")
         _replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -70,7 +70,9 @@ def run_pte(path: Path, x: torch.Tensor) -> np.ndarray:
     from executorch.runtime import Runtime
 
     method = Runtime.get().load_program(str(path)).load_method("forward")
-    return method.execute([x])[0].numpy()
+    # The runtime reads the data pointer as a contiguous NCHW buffer and ignores strides: a
+    # channels-last view (numpy HWC images transposed) would silently give wrong logits.
+    return method.execute([x.contiguous()])[0].numpy()
 
 
 def run_onnx(path: Path, x: np.ndarray, input_name: str = INPUT_NAME) -> np.ndarray:

@@ -102,14 +102,14 @@ def _fresh_source(options: ExportOptions) -> Source:
     defaults = TrainConfig()
     config = TrainConfig(
         model=options.model, width=options.width, cifar_stem=options.cifar_stem,
-        input_size=options.input_size or defaults.input_size,
-        batch_size=options.batch_size or defaults.batch_size,
-        epochs=options.epochs or defaults.epochs, delta_tau=options.delta_tau or defaults.delta_tau,
-        sparsity=FRESH_SPARSITY if options.sparsity is None else options.sparsity,
-        distribution=options.distribution or FRESH_DISTRIBUTION,
-        freeze_flops=FRESH_FREEZE_FLOPS if options.freeze_flops is None else options.freeze_flops,
+        input_size=_given(options.input_size, defaults.input_size),
+        batch_size=_given(options.batch_size, defaults.batch_size),
+        epochs=_given(options.epochs, defaults.epochs), delta_tau=_given(options.delta_tau, defaults.delta_tau),
+        sparsity=_given(options.sparsity, FRESH_SPARSITY),
+        distribution=_given(options.distribution, FRESH_DISTRIBUTION),
+        freeze_flops=_given(options.freeze_flops, FRESH_FREEZE_FLOPS),
         seed=options.seed).validate()
-    num_classes = options.num_classes or 10
+    num_classes = _given(options.num_classes, 10)
     # Same seeding as the trainer: init under a forked global RNG, masks from seed + 2.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
@@ -128,6 +128,11 @@ def _fresh_source(options: ExportOptions) -> Source:
                   num_frozen=0, epoch=0, classes=[str(i) for i in range(num_classes)],
                   mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], input_size=config.input_size,
                   checkpoint=None)
+
+
+def _given(value, default):
+    """The option as given; the default only when it was left out (0 is a value, not "unset")."""
+    return default if value is None else value
 
 
 def resolve_stages(spec: str | None, source: Source) -> list[int]:
