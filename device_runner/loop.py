@@ -33,6 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from . import budget, checkpoint, dst, run_lock, run_state, schedule
 from .backends import choose_suffix_backend
@@ -357,6 +358,15 @@ class Runner:
         checkpoint. Every return is between whole steps."""
         k = self.stage_k
         profile = self.stage_profiles.setdefault(k, StageProfile(k))
+        # On a terminal: samples done, step time, RSS, joules so far and tqdm's ETA (off in logs).
+        bar = tqdm(total=int(self.order.size), initial=self.position, unit="img", leave=False, disable=None,
+                   mininterval=1.0, desc=f"epoch {self.epoch + 1}/{self.config.epochs} stage {k}")
+        try:
+            return self._train_steps(energy_budget, profile, bar)
+        finally:
+            bar.close()
+
+    def _train_steps(self, energy_budget, profile: StageProfile, bar) -> str:
         since_checkpoint = 0
         while self.position < self.order.size:
             started = time.perf_counter()
@@ -385,6 +395,9 @@ class Runner:
             self.meter.update(force=energy_budget is not None)  # exact per step under a budget
             profile.energy_j += self.meter.joules - energy_before
             profile.wall_s += time.perf_counter() - started
+            bar.update(int(idx.size))
+            bar.set_postfix_str(f"step {1e3 * (time.perf_counter() - started):.0f} ms, RSS "
+                                f"{budget.peak_rss_mb():.0f} MB, {self.meter.joules:.0f} J", refresh=False)
             if over_budget:
                 return "memory"
             if self.stop.requested:

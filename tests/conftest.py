@@ -24,6 +24,7 @@ def bundle_dir(tmp_path_factory) -> Path:
         patch.setattr(prefix_io, "run_pte",
                       lambda path, x: prefix_io.run_onnx(path.with_name(prefix_io.ONNX_FILE), x.numpy()))
         export_bundle(ExportOptions(model="resnet32", width=0.25, input_size=16, stages="14-16",
-                                    batch_size=16, epochs=30, delta_tau=2, out=str(out), parity_steps=2),
+                                    batch_size=16, epochs=30, delta_tau=2, out=str(out), parity_steps=2,
+                                    distribution="erk"),  # its 30 % freezing target fits 30 epochs
                       log=lambda line: None)
     return out

@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     fresh.add_argument("--imagenet-stem", dest="cifar_stem", action="store_false",
                        help="ImageNet stem (7x7/2 conv + max-pool) instead of the CIFAR stem")
     fresh.add_argument("--sparsity", type=float, help="fraction of zero weights, first conv dense (default 0.9)")
-    fresh.add_argument("--distribution", choices=("uniform", "erk"), help="per-layer sparsity (default erk)")
+    fresh.add_argument("--distribution", choices=("uniform", "erk"), help="per-layer sparsity (default uniform, as the trainer)")
     fresh.add_argument("--freeze-flops", type=float,
                        help="training-FLOPs reduction the freezing schedule targets (default 0.3)")
     fresh.add_argument("--epochs", type=int, help="length of the schedule to continue on device (default 160)")

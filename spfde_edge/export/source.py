@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 # Fresh-model defaults: a sparse model with a freezing schedule, so that the bundle shows
 # every part of SpFDE (the trainer's own defaults are dense and never freeze).
 FRESH_SPARSITY = 0.9
-FRESH_DISTRIBUTION = "erk"
+FRESH_DISTRIBUTION = "uniform"  # the trainer's default; see docs/bundle.md on ERK's dense head
 FRESH_FREEZE_FLOPS = 0.3
 
 _FRESH_ONLY = ("num_classes", "width", "sparsity", "distribution", "freeze_flops", "epochs",
