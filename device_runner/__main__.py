@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-budget-mb", type=float, help="override budgets.memory_mb")
     p.add_argument("--energy-budget-j", type=float, help="override budgets.energy_j (also on --resume)")
     p.add_argument("--cache", choices=("memory", "disk", "none"), help="override cache.location")
+    p.add_argument("--cache-dtype", choices=("float32", "float16", "int8"),
+                   help="override cache.dtype: how cached features are stored (docs/device.md)")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: the profile's)")
     p.add_argument("--threads", type=int, help="override budgets.threads")
     p.add_argument("--suffix-backend", choices=("auto", "onnxruntime-training", "onnxruntime"),
@@ -76,12 +78,13 @@ def report_main(argv: list[str]) -> int:
                                                                       "(default RUN/report.html)")
     args = p.parse_args(argv)
     try:
+        from .evaluate import latest_evaluation
         report = load_report(Path(args.run))
-        print(table(report))
+        evaluation = latest_evaluation(Path(args.run))
+        print(table(report, evaluation))
         if args.html is not None:
-            from .evaluate import latest_evaluation
             path = write_html(report, Path(args.html) if args.html else Path(args.run) / "report.html",
-                              evaluation=latest_evaluation(Path(args.run)))
+                              evaluation=evaluation)
             print(f"wrote {path}")
     except DeviceRunnerError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -197,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                                val_fraction=args.val_fraction, sieve=args.sieve, delta_tau=args.delta_tau,
                                freeze_at=args.freeze_at, max_per_class=args.max_per_class,
                                memory_budget_mb=args.memory_budget_mb, energy_budget_j=args.energy_budget_j,
-                               cache=args.cache, checkpoint_every=args.checkpoint_every,
+                               cache=args.cache, cache_dtype=args.cache_dtype,
+                               checkpoint_every=args.checkpoint_every,
                                threads=args.threads, seed=args.seed,
                                suffix_backend=args.suffix_backend,
                                trusted_keys=str(Path(args.trusted_keys).resolve()) if args.trusted_keys else None,

@@ -51,7 +51,10 @@ def build_report(runner) -> dict:
         "memory_budget_mb": runner.profile.memory_mb,
         "energy": {"joules": round(runner.meter.joules, 3), "budget_j": runner.profile.energy_j,
                    "source": runner.meter.source, "measured": runner.meter.measured},
-        "cache": {"location": pipeline.cache.location if pipeline is not None else None, "saved_s": round(saved, 3),
+        "cache": {"location": pipeline.cache.location if pipeline is not None else None,
+                  "dtype": pipeline.cache.dtype if pipeline is not None else None,
+                  "samples_cached": pipeline.cache.samples_cached if pipeline is not None else 0,
+                  "saved_s": round(saved, 3),
                   "speedup": (compute + saved) / compute if compute and saved else None},
         "stages": stages,
         "history": runner.history,
@@ -89,11 +92,16 @@ def _fmt(value, spec=".1f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def table(report: dict) -> str:
+def table(report: dict, evaluation: dict | None = None) -> str:
+    """The terminal summary; ``evaluation`` (the run's latest ``evaluate``) adds what the
+    trained model scores on that data."""
     lines = [f"run: {report['status']}, {report['epochs_done']} epoch(s), model {report['bundle']['model']}, "
              f"prefix on {report['backends']['prefix']}, suffix on {report['backends']['suffix']}",
              f"accuracy (held-out {report['data']['val']} samples): before {_fmt(report['accuracy']['before'], '.4f')}"
              f" -> after {_fmt(report['accuracy']['after'], '.4f')}",
+             *([f"evaluate {evaluation['name']} ({evaluation['data']}): top-1 {evaluation['top1']:.4f}, "
+                f"top-{evaluation['top5_k']} {evaluation['top5']:.4f} on {evaluation['images']} images"]
+               if evaluation else []),
              f"peak RSS {report['peak_rss_mb']:.0f} MB of {report['memory_budget_mb']:.0f} MB budget; energy "
              f"{report['energy']['joules']:.1f} J ({'measured: ' if report['energy']['measured'] else ''}"
              f"{report['energy']['source']})",
@@ -111,7 +119,8 @@ def table(report: dict) -> str:
                      f"{pair('step'):>15} {_fmt(s['samples_per_s']):>8} {s['peak_rss_mb']:>8.0f} "
                      f"{_fmt(s['energy_per_sample_mj'], '.2f'):>8} {_fmt(s['cache']['speedup'], '.2f'):>7}")
     cache = report["cache"]
-    lines.append(f"feature cache ({cache['location']}): saved {cache['saved_s']:.2f} s, speed-up "
+    stored = f", {cache['dtype']}, {cache.get('samples_cached', 0)} samples" if cache.get("dtype") else ""
+    lines.append(f"feature cache ({cache['location']}{stored}): saved {cache['saved_s']:.2f} s, speed-up "
                  f"{_fmt(cache['speedup'], '.2f')}x")
     if report["events"]:
         lines += ["", "events:"] + [f"  epoch {e['epoch']}: [{e['kind']}] {e['message']}" for e in report["events"][-10:]]

@@ -165,8 +165,11 @@ def test_export_refuses_a_graph_that_does_not_match(run_dir, tmp_path, monkeypat
 def test_report_html_draws_the_latest_confusion_matrix(run_dir, tmp_path):
     from device_runner.evaluate import evaluate
 
-    evaluate(run_dir, "digits")
+    scored = evaluate(run_dir, "digits")
     result = run_cli(["report", str(run_dir), "--html", str(tmp_path / "r.html")])
     assert result.returncode == 0, result.stderr[-2000:]
+    # the terminal summary says what the device learned: held-out before/after and the evaluation
+    assert "before" in result.stdout and f"evaluate digits" in result.stdout
+    assert f"top-1 {scored['top1']:.4f}" in result.stdout
     page = (tmp_path / "r.html").read_text()
     assert "evaluate: digits" in page and page.count("data:image/png;base64") == 2
