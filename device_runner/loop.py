@@ -113,7 +113,8 @@ class Runner:
             stage_ks=[s.k for s in self.bundle.stages], num_blocks=self.bundle.num_blocks, epochs=config.epochs,
             epochs_done=plan.epochs_done, plan_epochs=plan.epochs, freeze_epochs=plan.freezing.freeze_epochs,
             delta_tau=plan.delta_tau, base_lr=plan.lr_schedule.base_lr, update_fraction=plan.dst.update_fraction,
-            lr=config.lr, device_delta_tau=config.delta_tau, freeze_at=config.freeze_at)
+            lr=config.lr, device_delta_tau=config.delta_tau, freeze_at=config.freeze_at,
+            warmup_epochs=plan.lr_schedule.warmup_epochs)
         self.starts = self.schedule.starts
         self.delta_tau = self.schedule.delta_tau
         try:
@@ -263,7 +264,7 @@ class Runner:
         self.log(f"plan: batch {plan.batch_size} (predicted peak {plan.predicted_peak_mb:.0f} MB of "
                  f"{self.profile.memory_mb:.0f} MB), stages {self.starts}, Δτ {self.delta_tau}, "
                  f"prefix on {self.pipeline.prefix.name}, suffix on {self.trainer.name}, "
-                 f"cache {self.pipeline.cache.location}, "
+                 f"cache {self.pipeline.cache.location} ({self.pipeline.cache.dtype}), "
                  f"energy {self.meter.source}")
         self.initial_eval = self.evaluate()
         self.log(f"before on-device training: val acc {self.initial_eval['val_acc']:.4f}")
@@ -562,7 +563,7 @@ def _remove_stale(out: Path) -> None:
     """What killed processes left: temporaries, unreferenced checkpoints, disk-cache files (the
     cache is rebuilt after a resume). Only under the run's lock."""
     checkpoint.remove_stale(out)
-    for leftover in (out / "cache").glob("features-*.f32"):
+    for leftover in (out / "cache").glob("features-*"):
         leftover.unlink(missing_ok=True)
 
 
@@ -651,7 +652,7 @@ def dry_run(config: RunConfig, log=print) -> dict:
                   "memory_budget_mb": profile.memory_mb, "per_sample_mb": round(plan.per_sample_mb, 3),
                   "stages": runner.starts, "delta_tau": runner.delta_tau, "prefix": pipeline.prefix.name,
                   "prefix_choice": pipeline.prefix_choice, "suffix_choice": runner.suffix_choice,
-                  "cache": pipeline.cache.location,
+                  "cache": pipeline.cache.location, "cache_dtype": pipeline.cache.dtype,
                   "data": runner.data.source, "train_samples_per_epoch": int(samples),
                   "predicted_epoch_s_first_stage": round(seconds_per_epoch, 2),
                   "predicted_energy_j": round(joules, 1), "energy_budget_j": profile.energy_j,
@@ -661,7 +662,8 @@ def dry_run(config: RunConfig, log=print) -> dict:
                  f"{profile.memory_mb:.0f} MB ({plan.base_mb:.0f} MB base + "
                  f"{plan.per_sample_mb:.2f} MB/sample; {plan.reason})",
                  f"  stages (k, first epoch): {runner.starts}; Δτ {runner.delta_tau} epoch(s)",
-                 f"  prefix: {pipeline.prefix_choice}; feature cache: {pipeline.cache.location}",
+                 f"  prefix: {pipeline.prefix_choice}; feature cache: {pipeline.cache.location} "
+                 f"({pipeline.cache.dtype})",
                  f"  suffix: {runner.suffix_choice}",
                  f"  {samples} samples/epoch from {runner.data.source}: about {seconds_per_epoch:.1f} s/epoch "
                  f"in the first stage; {config.epochs} epoch(s) about {joules:.0f} J at busy power "

@@ -91,6 +91,7 @@ class Profile:
     prefix_backend: str
     checkpoint_every_steps: int
     suffix_backend: str = "auto"
+    cache_dtype: str = "float16"        # float32 | float16 | int8 (device_runner/cache.py)
     trusted_keys_dir: str | None = None  # trust.keys_dir, relative to the profile's folder
     raw: dict = field(default_factory=dict, compare=False)
 
@@ -152,7 +153,7 @@ def load_profile(spec: str, overrides: dict | None = None) -> Profile:
         max_batch_size=int(budgets.get("max_batch_size", 128)),
         headroom=float(budgets.get("headroom", 0.1)),
         cache_location=cache.get("location", "memory"), cache_dir=cache.get("dir"),
-        cache_max_mb=float(cache.get("max_mb", 256)),
+        cache_max_mb=float(cache.get("max_mb", 256)), cache_dtype=cache.get("dtype", "float16"),
         prefix_backend=raw.get("prefix_backend", "auto"),
         checkpoint_every_steps=int(raw.get("checkpoint_every_steps", 200)),
         suffix_backend=raw.get("suffix_backend", "auto"),

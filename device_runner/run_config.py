@@ -27,6 +27,7 @@ class RunConfig:
     memory_budget_mb: float | None = None
     energy_budget_j: float | None = None
     cache: str | None = None             # memory | disk | none (default: the profile's)
+    cache_dtype: str | None = None       # float32 | float16 | int8 (default: the profile's)
     checkpoint_every: int | None = None  # steps (default: the profile's)
     threads: int | None = None           # default: the profile's
     seed: int = 0
@@ -83,6 +84,8 @@ class RunConfig:
             overrides["budgets.energy_j"] = self.energy_budget_j
         if self.cache is not None:
             overrides["cache.location"] = self.cache
+        if self.cache_dtype is not None:
+            overrides["cache.dtype"] = self.cache_dtype
         if self.threads is not None:
             overrides["budgets.threads"] = self.threads
         if self.suffix_backend is not None:

@@ -99,6 +99,7 @@ class DeviceSchedule:
     base_lr: float
     active_epochs: list[float]          # per block, plan epochs
     updates: UpdateSchedule
+    warmup_epochs: float = 0.0          # plan epochs of linear LR warmup (the host's rule)
 
     def is_boundary(self, epoch: int) -> bool:
         """Sieve exchanges (and mask updates, while the plan has them) start this epoch."""
@@ -107,14 +108,14 @@ class DeviceSchedule:
     def lrs(self, epoch: float, scale: float = 1.0) -> dict[int, float]:
         """Each block's learning rate at device epoch ``epoch`` (fractional within an epoch)."""
         plan_epoch = self.plan.clock.plan_epoch(epoch)
-        return {b: scale * block_lr(self.base_lr, plan_epoch, active)
+        return {b: scale * block_lr(self.base_lr, plan_epoch, active, self.warmup_epochs)
                 for b, active in enumerate(self.active_epochs)}
 
 
 def device_schedule(*, stage_ks: Sequence[int], num_blocks: int, epochs: int, epochs_done: int,
                     plan_epochs: int, freeze_epochs: Sequence[int], delta_tau: int, base_lr: float,
                     update_fraction: float, lr: float | None = None, device_delta_tau: int | None = None,
-                    freeze_at: Sequence[int] | None = None) -> DeviceSchedule:
+                    freeze_at: Sequence[int] | None = None, warmup_epochs: float = 0.0) -> DeviceSchedule:
     """The schedule of a device run of ``epochs`` epochs over a bundle's host plan.
 
     ``lr`` and ``device_delta_tau`` override the plan's base LR and the scaled Δτ.
@@ -128,4 +129,5 @@ def device_schedule(*, stage_ks: Sequence[int], num_blocks: int, epochs: int, ep
     offset = round(plan.clock.start / plan.clock.scale)
     active = block_active_epochs(block_freeze_epochs(starts, plan), num_blocks, plan.end_epoch)
     updates = UpdateSchedule(device_delta_tau, plan.end_epoch, update_fraction, plan.clock, offset)
-    return DeviceSchedule(plan, starts, device_delta_tau, offset, lr, active, updates)
+    warmup = 0.0 if plan.fine_tune else warmup_epochs
+    return DeviceSchedule(plan, starts, device_delta_tau, offset, lr, active, updates, warmup)

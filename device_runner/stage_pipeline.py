@@ -86,7 +86,7 @@ class StagePipeline:
         if self.prefix.empty:
             location = "none"
         return FeatureCache(len(self.data), self.bundle.stage(self.k).feature_shape, location,
-                            self.profile.cache_max_mb, self.cache_dir)
+                            self.profile.cache_max_mb, self.cache_dir, self.profile.cache_dtype)
 
     def planned_cache_mb(self) -> float:
         """Memory the feature cache takes when full, if it lives in memory (else 0)."""

@@ -31,6 +31,7 @@ class TrainConfig:
     epochs: int = 160
     batch_size: int = 64
     lr: float = 0.1
+    warmup_epochs: float = 0.0            # linear LR warmup shared by all blocks, then the cosine
     momentum: float = 0.9
     weight_decay: float = 5e-4
     # SpFDE (paper notation: Δτ = delta_tau)
@@ -39,6 +40,7 @@ class TrainConfig:
     distribution: str = "uniform"
     dst: str = "mest"
     update_fraction: float = 0.3
+    mest_lambda: float = 1.0              # MEST's λ in the prune score |w| + λ|g|
     freeze_flops: float = 0.0             # target training-FLOPs reduction from freezing
     max_frozen_fraction: float = 2 / 3
     sieve: float = 0.0                    # fraction of the training set kept removed
@@ -72,6 +74,10 @@ class TrainConfig:
             (0.0 <= self.freeze_flops < 1.0, f"--freeze-flops must be in [0, 1), got {self.freeze_flops}"),
             (0.0 <= self.sieve < 1.0, f"--sieve must be in [0, 1), got {self.sieve}"),
             (0.0 < self.sieve_swap <= 1.0, f"--sieve-swap must be in (0, 1], got {self.sieve_swap}"),
+            (0.0 <= self.warmup_epochs < self.epochs,
+             f"--warmup-epochs must be in [0, --epochs), got {self.warmup_epochs}"),
+            (0.0 <= self.mest_lambda < float("inf"),
+             f"--mest-lambda must be a number >= 0, got {self.mest_lambda}"),
             (0.0 < self.update_fraction < 1.0,
              f"--update-fraction must be in (0, 1), got {self.update_fraction}"),
             # Every epoch reports held-out accuracy, so there must be a held-out split.

@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--epochs", type=int, help=f"default {d.epochs}")
     opt.add_argument("--batch-size", type=int, help=f"default {d.batch_size}")
     opt.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
+    opt.add_argument("--warmup-epochs", type=float,
+                     help=f"linear LR warmup before each block's cosine (default {d.warmup_epochs:g})")
     opt.add_argument("--momentum", type=float, help=f"default {d.momentum}")
     opt.add_argument("--weight-decay", type=float, help=f"default {d.weight_decay}")
     spfde = p.add_argument_group("SpFDE")
@@ -75,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     spfde.add_argument("--dst", choices=DST_CHOICES, help=f"prune-and-grow algorithm (default {d.dst})")
     spfde.add_argument("--update-fraction", type=float,
                        help=f"initial prune-and-grow fraction, cosine-decayed (default {d.update_fraction})")
+    spfde.add_argument("--mest-lambda", type=float,
+                       help=f"MEST's λ in the prune score |w| + λ|g| (default {d.mest_lambda})")
     spfde.add_argument("--freeze-flops", type=float,
                        help=f"target training-FLOPs reduction from progressive freezing (default {d.freeze_flops})")
     spfde.add_argument("--max-frozen-fraction", type=float,

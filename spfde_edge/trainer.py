@@ -115,7 +115,7 @@ class Trainer:
         self.active_epochs = block_active_epochs(plan, self.num_blocks, config.epochs)
         self.sieve = DataSieve(len(self.data.train), config.sieve, np.random.default_rng(config.seed + 4),
                                swap_fraction=config.sieve_swap)
-        self.dst = get_algorithm(config.dst)
+        self.dst = get_algorithm(config.dst, lam=config.mest_lambda)
         self.optimizer = torch.optim.SGD(self._param_groups(0), lr=config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay)
         self.ddp_model = self._wrap()
@@ -174,7 +174,8 @@ class Trainer:
     def _set_lrs(self, epoch_float: float) -> dict[int, float]:
         lrs = {}
         for group in self.optimizer.param_groups:
-            group["lr"] = block_lr(self.config.lr, epoch_float, self.active_epochs[group["block"]])
+            group["lr"] = block_lr(self.config.lr, epoch_float, self.active_epochs[group["block"]],
+                                   self.config.warmup_epochs)
             lrs[group["block"]] = group["lr"]
         return lrs
 
@@ -335,7 +336,7 @@ class Trainer:
         }
 
     def _lrs_at(self, epoch_float: float) -> dict[int, float]:
-        return {b: block_lr(self.config.lr, epoch_float, self.active_epochs[b])
+        return {b: block_lr(self.config.lr, epoch_float, self.active_epochs[b], self.config.warmup_epochs)
                 for b in range(self.model.num_frozen, self.num_blocks)}
 
     def summary(self) -> dict:

@@ -186,13 +186,14 @@ def test_sgd_step_host_equals_device_on_every_parameter_kind(momentum, weight_de
         np.testing.assert_allclose(device[n], p.detach().numpy(), rtol=1e-6, atol=1e-7, err_msg=n)
 
 
-SCHEDULE_CASES = [  # plan epochs, epochs done at export, Δτ, freeze epochs of the host plan
-    (30, 0, 2, [6, 8, 10]), (30, 10, 2, [6, 8, 10, 12, 14]), (40, 0, 5, []), (40, 20, 5, [25, 30]),
+SCHEDULE_CASES = [  # plan epochs, epochs done at export, Δτ, freeze epochs of the host plan, LR warmup
+    (30, 0, 2, [6, 8, 10], 0.0), (30, 10, 2, [6, 8, 10, 12, 14], 0.0), (40, 0, 5, [], 3.0),
+    (40, 20, 5, [25, 30], 0.0), (40, 1, 5, [25, 30], 4.0),
 ]
 
 
-@pytest.mark.parametrize("epochs,done,delta_tau,freeze_epochs", SCHEDULE_CASES)
-def test_schedule_host_equals_device_for_every_epoch(epochs, done, delta_tau, freeze_epochs):
+@pytest.mark.parametrize("epochs,done,delta_tau,freeze_epochs,warmup", SCHEDULE_CASES)
+def test_schedule_host_equals_device_for_every_epoch(epochs, done, delta_tau, freeze_epochs, warmup):
     """A device run of the plan's remaining epochs continues the host's curves epoch by epoch:
     update epochs and fraction, and every trainable block's learning rate."""
     num_blocks, base_lr, fraction = 8, 0.1, 0.3
@@ -203,7 +204,8 @@ def test_schedule_host_equals_device_for_every_epoch(epochs, done, delta_tau, fr
     stage_ks = list(range(first_stage, len(freeze_epochs) + 1))
     device = device_schedule(stage_ks=stage_ks, num_blocks=num_blocks, epochs=epochs - done,
                              epochs_done=done, plan_epochs=epochs, freeze_epochs=freeze_epochs,
-                             delta_tau=delta_tau, base_lr=base_lr, update_fraction=fraction)
+                             delta_tau=delta_tau, base_lr=base_lr, update_fraction=fraction,
+                             warmup_epochs=warmup)
     assert device.delta_tau == delta_tau
     # stage k starts when the host freezes block k-1
     assert [start for _, start in device.starts[1:]] == [e - done for e in freeze_epochs if e > done]
@@ -215,7 +217,7 @@ def test_schedule_host_equals_device_for_every_epoch(epochs, done, delta_tau, fr
         for step in (0.0, 0.5):
             device_lrs = device.lrs(e + step)
             for b in range(first_stage, num_blocks):
-                host_lr = freezing.block_lr(base_lr, host_e + step, host_active[b])
+                host_lr = freezing.block_lr(base_lr, host_e + step, host_active[b], warmup)
                 assert device_lrs[b] == pytest.approx(host_lr, abs=1e-12), (e, step, b)
 
 

@@ -17,7 +17,7 @@ import torch
 
 # One hasher: the device verifies exactly what the host wrote.
 from device_runner.files import sha256_file
-from device_runner.manifest import (DST_LAM, BatchNormEntry, Block, Dst, FileEntry, Flops, Freezing,
+from device_runner.manifest import (BatchNormEntry, Block, Dst, FileEntry, Flops, Freezing,
                                     Layer, LrSchedule, Manifest, MaskEntry, ModelInfo, Normalization,
                                     PrefixEntry, Sieve, SourceInfo, Sparsity, Spfde, StageBytes,
                                     StageEntry, StepGraphEntry, SuffixEntry, TensorSpec)
@@ -149,10 +149,8 @@ def _spfde(source: Source) -> Spfde:
         freezing=Freezing(freeze_epochs=tuple(plan.freeze_epochs), T_frz=plan.T_frz,
                           predicted_reduction=plan.reduction, num_frozen_now=source.num_frozen),
         sieve=Sieve(fraction=config.sieve, swap_fraction=config.sieve_swap),
-        # TrainConfig has no λ yet; the trainer's MEST runs with the default.
-        dst=Dst(algorithm=config.dst, update_fraction=config.update_fraction,
-                lam=float(getattr(config, "lam", DST_LAM))),
-        lr_schedule=LrSchedule(base_lr=config.lr),
+        dst=Dst(algorithm=config.dst, update_fraction=config.update_fraction, lam=config.mest_lambda),
+        lr_schedule=LrSchedule(base_lr=config.lr, warmup_epochs=config.warmup_epochs),
         momentum=config.momentum, weight_decay=config.weight_decay)
 
 
