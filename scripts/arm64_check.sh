@@ -167,19 +167,25 @@ grep -q suffix_backend "$REPO/profiles/schema.json" \
 "$PYTHON" -c 'import spfde_edge.export' 2>/dev/null \
     || die "$PYTHON cannot import spfde_edge.export: pip install -e \".[dev]\" in $REPO, or set PYTHON"
 BUNDLE="$WORK/bundle"
-has_plain_ort_suffix() {
-    [[ -f $BUNDLE/manifest.json ]] && "$PYTHON" - "$BUNDLE/manifest.json" <<'PY'
-import json, sys
-stages = json.load(open(sys.argv[1]))["stages"]
-sys.exit(0 if stages and all("onnxruntime" in s.get("suffix", {}).get("backends", {}) for s in stages) else 1)
+has_plain_ort_suffix() {  # a bundle this device_runner reads, with step.onnx in every stage
+    [[ -f $BUNDLE/manifest.json ]] && (cd "$REPO" && "$PYTHON" - "$BUNDLE" <<'PY'
+import sys
+from device_runner.bundle import load_bundle
+from device_runner.errors import BundleError
+try:
+    stages = load_bundle(sys.argv[1], verify=False).stages
+except BundleError:
+    sys.exit(1)
+sys.exit(0 if stages and all("onnxruntime" in s.backends for s in stages) else 1)
 PY
+)
 }
 if has_plain_ort_suffix; then
     echo "   reusing $BUNDLE (delete it to export again)"
 else
     echo "   python -m spfde_edge.export: resnet32 width 0.25, 16x16, stages 14-15, batch 8 (a few minutes)"
     (cd "$REPO" && "$PYTHON" -m spfde_edge.export --model resnet32 --width 0.25 --input-size 16 \
-        --stages 14-15 --batch-size 8 --epochs 30 --delta-tau 2 --parity-steps 2 --force \
+        --stages 14-15 --batch-size 8 --epochs 30 --delta-tau 2 --freeze-flops 0.2 --parity-steps 2 --force \
         --out "$BUNDLE") >"$WORK/export.log" 2>&1 \
         || { tail -5 "$WORK/export.log" >&2; die "export failed (log: $WORK/export.log)"; }
     has_plain_ort_suffix || die "the exported manifest lists no 'onnxruntime' suffix backend for every stage: the exporter does not write the standard-ONNX training step yet"
