@@ -176,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     from .report import table
     from .run_config import RunConfig
 
+    # With --json, stdout carries only the JSON; progress lines and the table go to stderr.
+    out = sys.stderr if args.json else sys.stdout
+    log = lambda line: print(line, file=out, flush=True)  # noqa: E731
     # A stop request is honoured between steps: the run checkpoints, prints one line, exits 130.
     stop = StopRequest()
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -188,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.energy_budget_j is not None or args.memory_budget_mb is not None:  # --resume's options
                 RunConfig(bundle="", profile="", energy_budget_j=args.energy_budget_j,
                           memory_budget_mb=args.memory_budget_mb).validate()
-            runner = resume(Path(args.resume), energy_budget_j=args.energy_budget_j,
+            runner = resume(Path(args.resume), log=log, energy_budget_j=args.energy_budget_j,
                             memory_budget_mb=args.memory_budget_mb, stop=stop)
         else:
             if not args.bundle or not args.profile:
@@ -207,11 +210,11 @@ def main(argv: list[str] | None = None) -> int:
                                trusted_keys=str(Path(args.trusted_keys).resolve()) if args.trusted_keys else None,
                                ).validate()
             if args.dry_run:
-                plan = dry_run(config)
+                plan = dry_run(config, log=log)
                 if args.json:
                     print(json.dumps(plan))
                 return 0
-            runner = start(config, stop=stop)
+            runner = start(config, log=log, stop=stop)
         report = runner.run()
     except DeviceRunnerError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -232,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     if report["status"] == STOPPED_INTERRUPTED:
         print(f"interrupted: {report['events'][-1]['message']}", file=sys.stderr)
         return 130
-    print(table(report))
+    log(table(report))
     if args.json:
         print(json.dumps(report))
     if report["status"] == STOPPED_MEMORY:

@@ -75,6 +75,13 @@ def decode(values: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
     return (grouped * np.asarray(scales)[:, :, None]).reshape(values.shape)
 
 
+def round_trip(features: np.ndarray, dtype: str) -> np.ndarray:
+    """``features`` at the cache's precision. The prefix chain rounds every output this way,
+    cached or not, so a run computes the same numbers whether a sample came from the cache,
+    was recomputed after a resume, or the cache was dropped (bit-exact for float16)."""
+    return np.asarray(features, dtype=np.float32) if dtype == "float32" else decode(*encode(features, dtype))
+
+
 class FeatureCache:
     _serial = 0
 

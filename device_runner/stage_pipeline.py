@@ -18,7 +18,7 @@ from .backends import executorch_prefix
 from .backends.blocks import block_of
 from .backends.ort_prefix import OrtBridge, OrtPrefix, PrefixChain
 from .bundle import Bundle
-from .cache import FeatureCache
+from .cache import FeatureCache, round_trip
 from .data import DeviceData, normalize
 from .errors import BundleError
 from .profile import Profile
@@ -79,7 +79,10 @@ class StagePipeline:
             k_from, k_to = self.starts[j - 1][0], self.starts[j][0]
             bridges.append(OrtBridge(self.bundle.stage(k_from).eval_model, k_from, k_to,
                                      self.frozen_params, self.profile.threads))
-        return PrefixChain(base, bridges)
+        return PrefixChain(base, bridges, self._precision)
+
+    def _precision(self, features: np.ndarray) -> np.ndarray:
+        return round_trip(features, self.profile.cache_dtype)
 
     def _new_cache(self) -> FeatureCache:
         location = self.profile.cache_location
@@ -116,19 +119,21 @@ class StagePipeline:
         return features, int(hit.sum()), t1 - t0, t2 - t1
 
     def uncached_features(self, indices: np.ndarray) -> np.ndarray:
-        """The prefix's output for ``indices`` without the cache (what memory planning measures)."""
+        """The prefix's full-precision output for ``indices`` without the cache (held-out
+        evaluation, and what memory planning measures)."""
         x = normalize(self.data.images[indices], self.bundle.mean, self.bundle.std)
-        return x if self.prefix.empty else self.prefix.forward(x)
+        return x if self.prefix.empty else self.prefix.forward(x, rounded=False)
 
     def evaluate(self, trainer, indices: np.ndarray, batch_size: int) -> dict:
-        """Held-out accuracy and loss of ``trainer`` on ``indices``."""
+        """Held-out accuracy and loss of ``trainer`` on ``indices``, at full precision: the
+        model the run reports is the one ``export-model`` writes (the cache's precision only
+        applies to the features training steps read)."""
         correct, loss_sum = 0, 0.0
         size = max(1, batch_size or 32)
         labels = self.data.labels
         for start in range(0, indices.size, size):
             idx = indices[start:start + size]
-            features, *_ = self.features(idx)
-            loss, logits = trainer.eval_step(features, labels[idx])
+            loss, logits = trainer.eval_step(self.uncached_features(idx), labels[idx])
             correct += int((logits.argmax(1) == labels[idx]).sum())
             loss_sum += loss * idx.size
         return {"val_acc": correct / indices.size, "val_loss": loss_sum / indices.size}
@@ -154,7 +159,8 @@ class StagePipeline:
         successor.momentum_buffers = {n: b for n, b in trainer.momentum_buffers.items() if block_of(n) >= new_k}
         bridge = OrtBridge(self.bundle.stage(old_k).eval_model, old_k, new_k, self.frozen_params,
                            self.profile.threads)
-        self.prefix = PrefixChain(self.prefix.base, self.prefix.bridges + [bridge])
+        self.prefix = PrefixChain(self.prefix.base, self.prefix.bridges + [bridge], self._precision)
         if self.cache.enabled:
-            self.cache.transform(bridge.forward, feature_shape=self.bundle.stage(new_k).feature_shape)
+            self.cache.transform(lambda features: self._precision(bridge.forward(features)),
+                                 feature_shape=self.bundle.stage(new_k).feature_shape)
         return successor

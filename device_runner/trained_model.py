@@ -116,7 +116,7 @@ class TrainedModel:
         out = []
         for start in range(0, len(images), batch_size):
             x = normalize(images[start:start + batch_size], self.bundle.mean, self.bundle.std)
-            features = x if self.pipeline.prefix.empty else self.pipeline.prefix.forward(x)
+            features = x if self.pipeline.prefix.empty else self.pipeline.prefix.forward(x, rounded=False)
             # The eval graph also computes a loss; its labels do not change the logits.
             _, logits = self.trainer.eval_step(features, np.zeros(len(x), np.int64))
             out.append(np.asarray(logits, dtype=np.float32))

@@ -98,9 +98,12 @@ class OrtBridge:
 class PrefixChain:
     """The bundle prefix (or nothing at stage 0) followed by zero or more bridges."""
 
-    def __init__(self, base, bridges: list):
+    def __init__(self, base, bridges: list, precision=None):
         self.base = base
         self.bridges = bridges
+        # Applied to the output of the base and of every bridge (the feature cache's precision),
+        # so features are the same numbers whichever way they were obtained.
+        self.precision = precision or (lambda features: features)
 
     @property
     def name(self) -> str:
@@ -113,9 +116,11 @@ class PrefixChain:
     def empty(self) -> bool:
         return self.base is None and not self.bridges
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
+    def forward(self, x: np.ndarray, rounded: bool = True) -> np.ndarray:
+        """Features for the suffix; ``rounded=False`` keeps full float32 (evaluation, export)."""
+        keep = self.precision if rounded else (lambda features: features)
         if self.base is not None:
-            x = self.base.forward(x)
+            x = keep(self.base.forward(x))
         for bridge in self.bridges:
-            x = bridge.forward(x)
+            x = keep(bridge.forward(x))
         return x
