@@ -344,9 +344,10 @@ def test_a_stage_that_does_not_fit_stops_cleanly_with_exit_3(bundle_dir, tmp_pat
     out = tmp_path / "run"
     assert main(memory_args(bundle_dir, out, 150)) == 3
     captured = capsys.readouterr()
-    report = json.loads(captured.out.strip().splitlines()[-1])
-    err = captured.err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("stopped: stage 16") and "--memory-budget-mb" in err[0], err
+    report = json.loads(captured.out)  # with --json stdout is the JSON alone; progress goes to stderr
+    stopped = [line for line in captured.err.strip().splitlines() if line.startswith("stopped: ")]
+    assert len(stopped) == 1 and stopped[0].startswith("stopped: stage 16"), captured.err[-2000:]
+    assert "--memory-budget-mb" in stopped[0] and "Traceback" not in captured.err
     assert report["status"] == "stopped: memory budget" and report["epochs_done"] == 2
     assert report["peak_rss_mb"] <= 150
     assert [e["kind"] for e in report["events"]].count("budget_exceeded") == 1
