@@ -375,3 +375,29 @@ def import_run(run: str | Path, out: str | Path, epochs: int | None = None, data
     device = read_device_run(run)
     config = host_config(device.bundle, epochs, dataset, data_dir)
     return write_host_checkpoint(device, out, config, log=log)
+
+
+def add_host_plan_options(parser) -> None:
+    """The options ``import`` and ``merge`` share: the plan the host continues and its data."""
+    from spfde_edge.train import DATASETS
+
+    parser.add_argument("--out", required=True, help="new run folder for checkpoint.pt and import.json")
+    parser.add_argument("--epochs", type=int, help="length of the SpFDE plan the host continues (default: the "
+                                                   "bundle's; the host resumes where the device left it)")
+    parser.add_argument("--dataset", choices=DATASETS, help="host data for --resume (default: the data the "
+                                                            "bundle's model was trained on, its train_config)")
+    parser.add_argument("--data-dir", help="dataset root or class-folder root for --dataset")
+
+
+def run_host_command(action) -> int:
+    """Run ``action()``; a user error is one ``error:`` line and exit 2, as in the trainer's CLI."""
+    import sys
+
+    from spfde_edge.train import USER_ERRORS
+
+    try:
+        action()
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

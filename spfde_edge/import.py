@@ -10,7 +10,7 @@ import sys
 
 from device_runner.cli import ArgumentParser
 
-from spfde_edge.train import DATASETS
+from spfde_edge.device_import import add_host_plan_options, run_host_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,30 +23,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "are checked against the device's (1e-4) before anything is written. "
                     "See docs/device.md, 'Bring it home and several devices'.")
     p.add_argument("run", help="run folder written by python -m device_runner --out RUN")
-    p.add_argument("--out", required=True, help="new run folder for checkpoint.pt and import.json")
-    p.add_argument("--epochs", type=int, help="length of the SpFDE plan the host continues (default: the "
-                                              "bundle's; the host resumes where the device left it)")
-    p.add_argument("--dataset", choices=DATASETS, help="host data for --resume (default: the data the bundle's "
-                                                       "model was trained on, its train_config)")
-    p.add_argument("--data-dir", help="dataset root or class-folder root for --dataset")
+    add_host_plan_options(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from spfde_edge.config import ConfigError
-    from spfde_edge.data import DataError
     from spfde_edge.device_import import import_run
-    from spfde_edge.freezing import FreezeError
-    from spfde_edge.sparsity.masks import SparsityError
-    from spfde_edge.checkpoint import CheckpointError
 
-    try:
-        import_run(args.run, args.out, epochs=args.epochs, dataset=args.dataset, data_dir=args.data_dir)
-    except (CheckpointError, ConfigError, DataError, FreezeError, SparsityError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_host_command(lambda: import_run(args.run, args.out, epochs=args.epochs, dataset=args.dataset,
+                                               data_dir=args.data_dir))
 
 
 if __name__ == "__main__":
