@@ -1,7 +1,9 @@
 """Device-side training step against PyTorch, on the same CPU threads.
 
-For each model and split point k (stage k: blocks [0, k) frozen) the suffix is exported
-once with ``spfde_edge.export`` (cached under ``--bundle-dir``), then:
+For each model and split point k (stage k: blocks [0, k) frozen) the model is exported once
+per bundle format of ``--formats`` with ``spfde_edge.export`` (cached under ``--bundle-dir``):
+format 1 with the single stage k, format 2 (one weight store + per-block programs, every
+block boundary a stage) once per model and reused for every k. Then:
 
 * **step**: one training step (forward + backward + SGD with momentum and weight decay) of
   the suffix on both of the device runner's suffix backends, against PyTorch eager training
@@ -11,25 +13,38 @@ once with ``spfde_edge.export`` (cached under ``--bundle-dir``), then:
   - ``ort``: ``device_runner.backends.ort_training.SuffixTrainer`` (backend
     "onnxruntime-training": ORT on-device training + the runner's numpy SGD);
   - ``step``: ``device_runner.backends.onnx_step.StepGraphTrainer`` (backend "onnxruntime":
-    the bundle's ``step.onnx`` on a plain ``InferenceSession`` + the same numpy SGD).
+    the bundle's ``step.onnx`` on a plain ``InferenceSession`` + the same numpy SGD);
 
-  Repetitions alternate the order of the three; the median of each is reported, with the
-  ratios ort/torch, step/torch and step/ort, and the relative difference of the first-step
-  losses on the same batch (the two device backends must agree to ~1e-6).
-* **rss**: peak RSS (VmHWM) of a process per backend (ORT training, step graph, PyTorch),
-  each in its own subprocess, doing the same steps.
+  and format 2's two (each on its own ``ModelState`` of the bundle's weight store):
+
+  - ``chain``: ``device_runner.backends.block_chain.BlockChainTrainer`` (backend "onnxruntime":
+    the blocks' train/backward programs one after the other + the same numpy SGD);
+  - ``ort2``: ``device_runner.backends.ort_boundary.OrtBoundaryTrainer`` (backend
+    "onnxruntime-training": boundary k's weightless ORT training artifacts + the same SGD).
+
+  Repetitions alternate the order of all of them; the median of each is reported, with the
+  ratios ort/torch, step/torch and step/ort (format 2: chain/step and ort2/ort, format 2 vs 1
+  on the same runtime, and chain/torch, ort2/torch), and the relative difference of the
+  first-step losses on the same batch: same model, weights and masks, so the device backends
+  must agree to ~1e-6 (step vs ort, chain vs step, ort2 vs ort). A fresh model's loss is
+  ~ln(10) whatever its weights, so the first step's logits are compared too (``*_logits_rel``).
+  Every row keeps the load average before and after its timing (the CPU may be shared).
+* **rss**: peak RSS (VmHWM) of a process per backend (ORT training, step graph, block chain,
+  ORT training format 2, PyTorch), each in its own subprocess, doing the same steps.
 * **prefix**: forward latency of the frozen prefix on ExecuTorch (the bundle's XNNPACK
   ``.pte``), ONNX Runtime (``prefix.onnx``) and PyTorch eager, at the ``.pte``'s batch.
 
     python benchmarks/device_step.py                                     # resnet18 + resnet32 (width 2)
     python benchmarks/device_step.py --models resnet32 --batch-sizes 32 --reps 9
     python benchmarks/device_step.py --quick                             # smoke run, < 1 minute
-                                                                         # (+ one tiny export on the first run)
+                                                                         # (+ tiny exports on the first run)
+    python benchmarks/device_step.py --formats 1                         # format 1 only (ort, step)
 
-Ratios are device / PyTorch (and step graph / ORT training): below 1 the first is faster or
-smaller. Bundles cached in ``--bundle-dir`` without ``step.onnx`` (exported before the step
-graph existed) are exported again; the export's time, and the step graph's share of it, are
-kept next to the bundle (``<bundle>.export.json``) and copied into the results.
+Ratios are device / PyTorch (and step graph / ORT training, format 2 / format 1): below 1 the
+first is faster or smaller. The prefix latency needs format 1 (its ``.pte``). Format-1 bundles
+cached in ``--bundle-dir`` without ``step.onnx`` (exported before the step graph) are exported
+again; the export's time, and the step graph's share of it, are kept next to the bundle
+(``<bundle>.export.json``) and copied into the results.
 """
 from __future__ import annotations
 
@@ -62,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--splits", nargs="+", default=["middle", "last-third"],
                    help="split points: middle (k = n//2), last-third (train the last n/3 blocks) or an integer k")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[16, 32, 64])
+    p.add_argument("--formats", nargs="+", type=int, default=[1, 2], choices=[1, 2],
+                   help="bundle formats to time: 1 = ort + step, 2 = chain + ort2 (default both)")
     p.add_argument("--reps", type=int, default=7, help="timed repetitions per backend (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per backend first")
     p.add_argument("--rss-steps", type=int, default=5, help="steps each RSS subprocess runs")
@@ -94,6 +111,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.bundle_dir is None:
         args.bundle_dir = str(Path(args.out) / "bundles") if args.quick else "export/bench"
     args.widths = widths
+    args.formats = sorted(set(args.formats))
     return args
 
 
@@ -117,11 +135,13 @@ def num_blocks_of(model: str, width: float) -> int:
     return len(create_model(model, num_classes=NUM_CLASSES, width=width).blocks)
 
 
-def export_options(model: str, width: float, k: int, batch: int, out: Path):
+def export_options(model: str, width: float, k: int, batch: int, out: Path, fmt: int = 1):
+    """The same fresh model (seed, sparsity, masks) in either format; format 2 has every stage."""
     from spfde_edge.export import ExportOptions
 
-    return ExportOptions(model=model, width=width, stages=str(k), batch_size=batch, input_size=INPUT_SIZE,
-                         num_classes=NUM_CLASSES, out=str(out), force=True)
+    return ExportOptions(model=model, width=width, stages=str(k) if fmt == 1 else None, batch_size=batch,
+                         input_size=INPUT_SIZE, num_classes=NUM_CLASSES, out=str(out), force=True,
+                         bundle_format=fmt)
 
 
 STEP_GRAPH_BACKEND = "onnxruntime"  # device_runner.backends.STEP_GRAPH: the step.onnx backend
@@ -143,40 +163,47 @@ def export_timing(bundle: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def ensure_bundle(model: str, width: float, k: int, batch: int, bundle_dir: Path) -> Path:
-    """Export stage k of a fresh model once; later runs reuse it when the manifest matches.
+def ensure_bundle(model: str, width: float, k: int, batch: int, bundle_dir: Path, fmt: int = 1) -> Path:
+    """Export a fresh model once (format 1: stage k; format 2: every boundary, shared by all k);
+    later runs reuse it when the manifest matches.
 
-    A cached bundle without ``step.onnx`` (exported before the step graph) is exported again.
+    A cached format-1 bundle without ``step.onnx`` (exported before the step graph) is exported again.
     """
     from device_runner.errors import BundleError
     from device_runner.manifest import read_manifest
 
-    out = bundle_dir / f"{model}-w{width:g}-k{k}-b{batch}"
+    out = bundle_dir / (f"{model}-w{width:g}-k{k}-b{batch}" if fmt == 1 else f"{model}-w{width:g}-v2-b{batch}")
     try:
         m = read_manifest(out)
     except BundleError as exc:  # none yet, or one of an older format: export (again)
         m = None
         if out.exists():
             print(f"  {out}: {exc}: exporting again", flush=True)
-    if (m is not None and m.model.name == model and float(m.model.width or DEFAULT_WIDTHS[model]) == width
-            and [s.stage for s in m.stages] == [k] and m.batch_size == batch):
-        if has_step_graph(m, out):
+    if (m is not None and m.format_version == fmt and m.model.name == model
+            and float(m.model.width or DEFAULT_WIDTHS[model]) == width and m.batch_size == batch):
+        if fmt == 2:
             return out
-        print(f"  {out} has no step.onnx (exported before the step graph): exporting again", flush=True)
+        if [s.stage for s in m.stages] == [k]:
+            if has_step_graph(m, out):
+                return out
+            print(f"  {out} has no step.onnx (exported before the step graph): exporting again", flush=True)
     from spfde_edge.export import export_bundle
 
+    print(f"  exporting {out} (format {fmt})", flush=True)
     started = time.perf_counter()
     marks: list[tuple[float, str]] = []  # (seconds since start, log line)
-    export_bundle(export_options(model, width, k, batch, out),
+    export_bundle(export_options(model, width, k, batch, out, fmt),
                   log=lambda line: marks.append((time.perf_counter() - started, line)))
     total = time.perf_counter() - started
-    (bundle_dir / f"{out.name}.npz").unlink(missing_ok=True)  # measure_stage's state of the old export
-    timing = {"bundle": out.name, "model": model, "width": width, "k": k, "batch_size": batch,
-              "export_s": total, "step_graph_s": step_graph_seconds(marks),
-              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_avg": os.getloadavg()}
+    timing = {"bundle": out.name, "format": fmt, "model": model, "width": width, "k": k if fmt == 1 else None,
+              "batch_size": batch, "export_s": total, "step_graph_s": step_graph_seconds(marks) if fmt == 1 else None,
+              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_avg": list(os.getloadavg())}
     (bundle_dir / f"{out.name}.export.json").write_text(json.dumps(timing, indent=1))
-    share = "?" if timing["step_graph_s"] is None else f"{timing['step_graph_s']:.0f}"
-    print(f"  exported {out} in {total:.0f} s (step.onnx export + check: {share} s)", flush=True)
+    detail = ""
+    if fmt == 1:
+        share = "?" if timing["step_graph_s"] is None else f"{timing['step_graph_s']:.0f}"
+        detail = f" (step.onnx export + check: {share} s)"
+    print(f"  exported {out} in {total:.0f} s{detail}", flush=True)
     return out
 
 
@@ -196,22 +223,26 @@ class DeviceStep:
     """The device runner's step: ORT train_step (incl. running statistics) + numpy SGD."""
 
     name = "ort"
+    format = 1  # the bundle format it trains from
 
-    def __init__(self, stage, num_blocks: int, threads: int, lr: float, momentum: float, weight_decay: float):
-        self.trainer = self.make_trainer(stage, threads)
-        self.lr_of_block = {i: lr for i in range(stage.k, num_blocks)}
+    def __init__(self, bundle, k: int, num_blocks: int, threads: int, lr: float, momentum: float,
+                 weight_decay: float):
+        self.trainer = self.make_trainer(bundle, k, threads)
+        self.lr_of_block = {i: lr for i in range(k, num_blocks)}
         self.momentum, self.weight_decay = momentum, weight_decay
         self.sgd_s: list[float] = []  # seconds of the numpy SGD part of each step
         self.losses: list[float] = []
+        self.logits: np.ndarray | None = None  # the last step's
 
     @staticmethod
-    def make_trainer(stage, threads: int):
+    def make_trainer(bundle, k: int, threads: int):
+        """The trainer of stage k; ``bundle`` is a loaded ``device_runner.bundle.Bundle``."""
         from device_runner.backends.ort_training import SuffixTrainer
 
-        return SuffixTrainer(stage, threads)
+        return SuffixTrainer(bundle.stage(k), threads)
 
     def step(self, features: np.ndarray, labels: np.ndarray) -> float:
-        loss, _ = self.trainer.train_step(features, labels)
+        loss, self.logits = self.trainer.train_step(features, labels)
         started = time.perf_counter()
         self.trainer.sgd_step(self.lr_of_block, self.momentum, self.weight_decay)
         self.sgd_s.append(time.perf_counter() - started)
@@ -229,13 +260,45 @@ class StepGraphStep(DeviceStep):
     name = "step"
 
     @staticmethod
-    def make_trainer(stage, threads: int):
+    def make_trainer(bundle, k: int, threads: int):
         from device_runner.backends.onnx_step import StepGraphTrainer
 
-        return StepGraphTrainer(stage, threads)
+        return StepGraphTrainer(bundle.stage(k), threads)
 
 
-DEVICE_BACKENDS = {"ort": DeviceStep, "step": StepGraphStep}
+class BlockChainStep(DeviceStep):
+    """Format 2 on plain onnxruntime: blocks [k, n)'s train/backward programs + the same numpy SGD."""
+
+    name = "chain"
+    format = 2
+
+    @staticmethod
+    def make_trainer(bundle, k: int, threads: int):
+        from device_runner.backends.block_chain import BlockChainTrainer, BlockSessions
+        from device_runner.model_state import ModelState
+
+        state = ModelState.load(bundle.weights_path)  # its own: the trainer updates it in place
+        return BlockChainTrainer(bundle.stage(k), bundle.blocks, state, BlockSessions(threads))
+
+
+class OrtBoundaryStep(DeviceStep):
+    """Format 2 on ORT training: boundary k's weightless artifacts + the same numpy SGD."""
+
+    name = "ort2"
+    format = 2
+
+    @staticmethod
+    def make_trainer(bundle, k: int, threads: int):
+        from device_runner.backends.ort_boundary import OrtBoundaryTrainer
+        from device_runner.model_state import ModelState
+
+        boundary = {entry.k: entry for entry in bundle.manifest.ort_training}[k]
+        # Its own state: the trainer takes over the suffix's arrays (views of ORT's buffers).
+        state = ModelState.load(bundle.weights_path)
+        return OrtBoundaryTrainer(bundle.stage(k), boundary, bundle.root, state, threads)
+
+
+DEVICE_BACKENDS = {b.name: b for b in (DeviceStep, StepGraphStep, BlockChainStep, OrtBoundaryStep)}
 
 
 class TorchStep:
@@ -286,9 +349,11 @@ class TorchStep:
     def step(self, features: np.ndarray, labels: np.ndarray) -> float:
         x, y = self.torch.from_numpy(features), self.torch.from_numpy(labels)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.F.cross_entropy(self.suffix(x), y)
+        logits = self.suffix(x)
+        loss = self.F.cross_entropy(logits, y)
         loss.backward()
         self.optimizer.step()
+        self.logits = logits.detach().numpy()
         return float(loss.detach())
 
 
@@ -336,14 +401,16 @@ def _peak_rss_mb() -> float:
 
 
 def run_worker(spec: dict) -> dict:
-    """One RSS subprocess: load the backend, take the steps, report RSS. No torch for 'ort'/'step'."""
+    """One RSS subprocess: load the backend, take the steps, report RSS. No torch for the device
+    backends. ``spec["bundle"]``: the bundle of the backend's format (torch: the one its state came from)."""
     from device_runner.bundle import load_bundle
 
-    stage = load_bundle(spec["bundle"], verify=False).stages[0]
+    bundle = load_bundle(spec["bundle"], verify=False)
+    stage = bundle.stage(spec["k"])
     features, labels = batch(stage, spec["batch_size"], seed=1)
     if spec["backend"] in DEVICE_BACKENDS:
-        backend = DEVICE_BACKENDS[spec["backend"]](stage, spec["num_blocks"], spec["threads"], spec["lr"],
-                                                   spec["momentum"], spec["weight_decay"])
+        backend = DEVICE_BACKENDS[spec["backend"]](bundle, spec["k"], spec["num_blocks"], spec["threads"],
+                                                   spec["lr"], spec["momentum"], spec["weight_decay"])
     else:
         import torch
 
@@ -421,78 +488,116 @@ def machine() -> dict:
     except OSError:
         pass
     return {"cpu": model_name, "cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
-            "load_avg": os.getloadavg(), "python": platform.python_version()}
+            "load_avg": list(os.getloadavg()), "python": platform.python_version()}
 
 
-def measure_stage(args, model: str, width: float, k: int, num_blocks: int, bundle: Path, state_dir: Path) -> dict:
-    """Step times at every batch size, RSS per batch size, and the prefix, for one stage."""
+# (a, b): a / b in step time and RSS, and |loss a - loss b| / |loss b| at the first and the last step.
+# Same weights, batch and numpy SGD: the device backends must give the same loss at every step.
+FORMAT_PAIRS = [("chain", "step"), ("ort2", "ort")]   # format 2 / format 1, on the same runtime
+DEVICE_PAIRS = [("step", "ort"), ("ort2", "chain"), *FORMAT_PAIRS]  # + the two runtimes, within a format
+
+
+def rel_diff(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def logits_rel(a: np.ndarray, b: np.ndarray) -> float:
+    """||a - b|| / ||b||: a fresh model's loss is ~ln(10) whatever its weights, its logits are not."""
+    b = np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(np.asarray(a, dtype=np.float64) - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def vs_torch_key(name: str) -> str:
+    """``ort``'s columns against PyTorch predate the others: ``ratio``, not ``ort_ratio``."""
+    return "ratio" if name == "ort" else f"{name}_ratio"
+
+
+def measure_stage(args, model: str, width: float, k: int, num_blocks: int, bundles: dict[int, Path],
+                  state_dir: Path) -> dict:
+    """Step times at every batch size, RSS per batch size, and the prefix, for one stage.
+    ``bundles``: the bundle of each format in ``args.formats``."""
     import torch
 
     from device_runner.bundle import load_bundle
 
     torch.set_num_threads(args.threads)
-    stage = load_bundle(bundle, verify=False).stages[0]
+    loaded = {fmt: load_bundle(path, verify=False) for fmt, path in bundles.items()}
+    names = [name for name, backend in DEVICE_BACKENDS.items() if backend.format in loaded]
+    reference = min(loaded)  # PyTorch starts from the weights of this format's first backend
+    stage = loaded[reference].stage(k)
+    shapes = {fmt: b.stage(k).feature_shape for fmt, b in loaded.items()}
+    if len(set(shapes.values())) > 1:
+        raise SystemExit(f"error: stage {k}'s features differ between the formats: {shapes}")
     hyper = dict(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     step_rows, rss_rows = [], []
     for batch_size in args.batch_sizes:
-        # Fresh backends from the same bundle at every batch size: equal starting weights.
-        device = DeviceStep(stage, num_blocks, args.threads, **hyper)
-        graph = StepGraphStep(stage, num_blocks, args.threads, **hyper)
-        state = device.state()
+        # Fresh backends from the same bundles at every batch size: equal starting weights.
+        device = {name: DEVICE_BACKENDS[name](loaded[DEVICE_BACKENDS[name].format], k, num_blocks, args.threads,
+                                              **hyper) for name in names}
+        state = device[names[0]].state()
         torch_step = TorchStep(model, width, k, state, dict(stage.masks), **hyper)
         features, labels = batch(stage, batch_size, seed=batch_size)
-        loss_ort, loss_step = device.step(features, labels), graph.step(features, labels)
-        loss_torch = torch_step.step(features, labels)
-        times = time_interleaved([device, graph, torch_step], features, labels, args.reps, args.warmup)
+        # Same weights and batch: the first losses must agree, or the comparison is unfair.
+        first = {name: backend.step(features, labels) for name, backend in device.items()}
+        first["torch"] = torch_step.step(features, labels)
+        first_logits = {name: b.logits for name, b in [*device.items(), ("torch", torch_step)]}
+        load_before = list(os.getloadavg())
+        times = time_interleaved([*device.values(), torch_step], features, labels, args.reps, args.warmup)
+        load_after = list(os.getloadavg())
         ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
-        step_rows.append({
-            "model": model, "width": width, "k": k, "trained_blocks": num_blocks - k, "batch_size": batch_size,
-            "ort_ms": ms["ort"], "step_ms": ms["step"], "torch_ms": ms["torch"],
-            "ratio": ms["ort"] / ms["torch"],             # ORT training / PyTorch
-            "step_ratio": ms["step"] / ms["torch"],       # step graph / PyTorch
-            "step_vs_ort": ms["step"] / ms["ort"],        # step graph / ORT training
-            # The runner's numpy SGD inside each device step (the rest is the ORT session).
-            "ort_sgd_ms": 1e3 * statistics.median(device.sgd_s[-args.reps:]),
-            "step_sgd_ms": 1e3 * statistics.median(graph.sgd_s[-args.reps:]),
-            "ort_samples_per_s": 1e3 * batch_size / ms["ort"], "step_samples_per_s": 1e3 * batch_size / ms["step"],
-            "torch_samples_per_s": 1e3 * batch_size / ms["torch"],
-            "ort_ms_all": [1e3 * t for t in times["ort"]], "step_ms_all": [1e3 * t for t in times["step"]],
-            "torch_ms_all": [1e3 * t for t in times["torch"]],
-            # Same weights and batch: the first losses must agree, or the comparison is unfair.
-            "first_step_loss": {"ort": loss_ort, "step": loss_step, "torch": loss_torch},
-            "first_step_loss_rel": abs(loss_ort - loss_torch) / max(abs(loss_torch), 1e-12),
-            "step_first_step_loss_rel": abs(loss_step - loss_torch) / max(abs(loss_torch), 1e-12),
-            # The two device backends: same batch, same numpy SGD, so the same loss at every step.
-            "step_vs_ort_loss_rel": abs(loss_step - loss_ort) / max(abs(loss_ort), 1e-12),
-            "steps_taken": len(device.losses),
-            "step_vs_ort_last_loss_rel": abs(graph.losses[-1] - device.losses[-1]) / max(abs(device.losses[-1]), 1e-12),
-        })
-        del device, graph, torch_step
-        print(f"  batch {batch_size}: ort training {ms['ort']:.1f} ms, step graph {ms['step']:.1f} ms, "
-              f"torch {ms['torch']:.1f} ms; step/ort loss rel {step_rows[-1]['step_vs_ort_loss_rel']:.1e}",
-              flush=True)
+        row = {"model": model, "width": width, "k": k, "trained_blocks": num_blocks - k, "batch_size": batch_size,
+               "formats": sorted(loaded), "torch_ms": ms["torch"],
+               "torch_samples_per_s": 1e3 * batch_size / ms["torch"],
+               "torch_ms_all": [1e3 * t for t in times["torch"]], "first_step_loss": first,
+               "steps_taken": len(device[names[0]].losses),
+               "load_avg_before": load_before, "load_avg_after": load_after}
+        for name, backend in device.items():
+            row[f"{name}_ms"] = ms[name]
+            row[vs_torch_key(name)] = ms[name] / ms["torch"]
+            # The runner's numpy SGD inside each device step (the rest is the ORT sessions).
+            row[f"{name}_sgd_ms"] = 1e3 * statistics.median(backend.sgd_s[-args.reps:])
+            row[f"{name}_samples_per_s"] = 1e3 * batch_size / ms[name]
+            row[f"{name}_ms_all"] = [1e3 * t for t in times[name]]
+            loss_vs_torch = "first_step_loss_rel" if name == "ort" else f"{name}_first_step_loss_rel"
+            row[loss_vs_torch] = rel_diff(first[name], first["torch"])
+            row[f"{name}_vs_torch_logits_rel"] = logits_rel(first_logits[name], first_logits["torch"])
+        for a, b in DEVICE_PAIRS:
+            if a in device and b in device:
+                row[f"{a}_vs_{b}"] = ms[a] / ms[b]
+                row[f"{a}_vs_{b}_loss_rel"] = rel_diff(first[a], first[b])
+                row[f"{a}_vs_{b}_logits_rel"] = logits_rel(first_logits[a], first_logits[b])
+                row[f"{a}_vs_{b}_last_loss_rel"] = rel_diff(device[a].losses[-1], device[b].losses[-1])
+        step_rows.append(row)
+        del device, torch_step
+        timed = ", ".join(f"{name} {ms[name]:.1f}" for name in [*names, "torch"])
+        agree = ", ".join(f"{a}/{b} {row[f'{a}_vs_{b}_loss_rel']:.1e} ({row[f'{a}_vs_{b}_logits_rel']:.1e})"
+                          for a, b in DEVICE_PAIRS if f"{a}_vs_{b}_loss_rel" in row)
+        print(f"  batch {batch_size}: {timed} ms; first-step loss rel (logits rel) {agree}; "
+              f"load {load_before[0]:.2f} -> {load_after[0]:.2f}", flush=True)
         if not args.no_rss:
-            state_path = state_dir / f"{bundle.name}.npz"
-            if not state_path.is_file():
-                np.savez(state_path, **state)
-            spec = {"bundle": str(bundle), "model": model, "width": width, "num_blocks": num_blocks,
-                    "batch_size": batch_size, "threads": args.threads, "steps": args.rss_steps,
-                    "state": str(state_path), **hyper}
-            rss = {name: measure_rss({**spec, "backend": name}) for name in ("ort", "step", "torch")}
-            ort, step, pt = rss["ort"], rss["step"], rss["torch"]
-            rss_rows.append({"model": model, "width": width, "k": k, "batch_size": batch_size,
-                             "steps": args.rss_steps,
-                             "ort_peak_mb": ort["peak_rss_mb"], "step_peak_mb": step["peak_rss_mb"],
-                             "torch_peak_mb": pt["peak_rss_mb"],
-                             "ratio": ort["peak_rss_mb"] / pt["peak_rss_mb"],
-                             "step_ratio": step["peak_rss_mb"] / pt["peak_rss_mb"],
-                             "step_vs_ort": step["peak_rss_mb"] / ort["peak_rss_mb"],
-                             "ort_loaded_mb": ort["loaded_rss_mb"], "step_loaded_mb": step["loaded_rss_mb"],
-                             "torch_loaded_mb": pt["loaded_rss_mb"],
-                             "ort_process_imported_torch": ort["torch_imported"],
-                             "step_process_imported_torch": step["torch_imported"]})
-    prefix = None if args.no_prefix else prefix_latency(model, width, k, bundle, stage, args.threads,
-                                                        args.prefix_reps)
+            state_path = state_dir / f"{bundles[reference].name}-k{k}.npz"  # PyTorch's starting state
+            np.savez(state_path, **state)
+            spec = {"k": k, "model": model, "width": width, "num_blocks": num_blocks, "batch_size": batch_size,
+                    "threads": args.threads, "steps": args.rss_steps, "state": str(state_path), **hyper}
+            rss_load_before = list(os.getloadavg())
+            rss = {name: measure_rss({**spec, "backend": name, "bundle": str(bundles[DEVICE_BACKENDS[name].format])})
+                   for name in names}
+            rss["torch"] = measure_rss({**spec, "backend": "torch", "bundle": str(bundles[reference])})
+            rss_row = {"model": model, "width": width, "k": k, "batch_size": batch_size, "steps": args.rss_steps,
+                       "torch_peak_mb": rss["torch"]["peak_rss_mb"], "torch_loaded_mb": rss["torch"]["loaded_rss_mb"],
+                       "load_avg_before": rss_load_before, "load_avg_after": list(os.getloadavg())}
+            for name in names:
+                rss_row[f"{name}_peak_mb"] = rss[name]["peak_rss_mb"]
+                rss_row[vs_torch_key(name)] = rss[name]["peak_rss_mb"] / rss["torch"]["peak_rss_mb"]
+                rss_row[f"{name}_loaded_mb"] = rss[name]["loaded_rss_mb"]
+                rss_row[f"{name}_process_imported_torch"] = rss[name]["torch_imported"]
+            for a, b in DEVICE_PAIRS:
+                if a in rss and b in rss:
+                    rss_row[f"{a}_vs_{b}"] = rss[a]["peak_rss_mb"] / rss[b]["peak_rss_mb"]
+            rss_rows.append(rss_row)
+    prefix = None
+    if not args.no_prefix and 1 in bundles:  # the prefix's .pte is format 1's
+        prefix = prefix_latency(model, width, k, bundles[1], loaded[1].stage(k), args.threads, args.prefix_reps)
     return {"step": step_rows, "rss": rss_rows, "prefix": prefix}
 
 
@@ -507,22 +612,54 @@ def format_table(headers: list[str], rows: list[list]) -> str:
 
 def tables(result: dict) -> str:
     nan = float("nan")
-    parts = ["training step, ms (median); ort = ORT training + numpy SGD, step = step.onnx on plain "
-             "onnxruntime + numpy SGD; loss rel = |first-step loss step - ort| / ort",
-             format_table(["model", "k", "trained", "batch", "ort ms", "step ms", "torch ms", "ort/torch",
-                           "step/torch", "step/ort", "ort sgd", "step sgd", "loss rel"],
-                          [[f"{r['model']}x{r['width']:g}", r["k"], r["trained_blocks"], r["batch_size"],
-                            r["ort_ms"], r.get("step_ms", nan), r["torch_ms"], r["ratio"], r.get("step_ratio", nan),
-                            r.get("step_vs_ort", nan), r.get("ort_sgd_ms", nan), r.get("step_sgd_ms", nan),
-                            f"{r.get('step_vs_ort_loss_rel', nan):.1e}"] for r in result["step"]])]
-    if result["rss"]:
+    steps = [r for r in result["step"] if "ort_ms" in r]      # format 1 timed
+    steps2 = [r for r in result["step"] if "chain_ms" in r]   # format 2 timed
+    rss = [r for r in result["rss"] if "ort_peak_mb" in r]
+    rss2 = [r for r in result["rss"] if "chain_peak_mb" in r]
+    parts = []
+    if steps:
+        parts += ["training step, ms (median); ort = ORT training + numpy SGD, step = step.onnx on plain "
+                  "onnxruntime + numpy SGD; loss rel = |first-step loss step - ort| / ort; load = 1-min "
+                  "load average before>after the timing",
+                  format_table(["model", "k", "trained", "batch", "ort ms", "step ms", "torch ms", "ort/torch",
+                                "step/torch", "step/ort", "ort sgd", "step sgd", "loss rel", "load"],
+                               [[f"{r['model']}x{r['width']:g}", r["k"], r["trained_blocks"], r["batch_size"],
+                                 r["ort_ms"], r.get("step_ms", nan), r["torch_ms"], r["ratio"], r.get("step_ratio", nan),
+                                 r.get("step_vs_ort", nan), r.get("ort_sgd_ms", nan), r.get("step_sgd_ms", nan),
+                                 f"{r.get('step_vs_ort_loss_rel', nan):.1e}", _load(r)] for r in steps])]
+    if steps2:
+        parts += [""] * bool(parts) + [
+                  "format 2, training step, ms (median), timed interleaved with the above; chain = block "
+                  "programs on plain onnxruntime, ort2 = ORT training on boundary k's artifacts (both + numpy "
+                  "SGD); chain-step, ort2-ort = |first-step loss, format 2 - format 1| / format 1 on the same runtime; "
+                  "logits = the larger of the two first-step logits' ||format 2 - format 1|| / ||format 1||",
+                  format_table(["model", "k", "batch", "chain ms", "ort2 ms", "torch ms", "chain/step", "ort2/ort",
+                                "chain/torch", "ort2/torch", "chain sgd", "ort2 sgd", "chain-step", "ort2-ort",
+                                "logits", "load"],
+                               [[f"{r['model']}x{r['width']:g}", r["k"], r["batch_size"], r["chain_ms"],
+                                 r.get("ort2_ms", nan), r["torch_ms"], r.get("chain_vs_step", nan),
+                                 r.get("ort2_vs_ort", nan), r["chain_ratio"], r.get("ort2_ratio", nan),
+                                 r["chain_sgd_ms"], r.get("ort2_sgd_ms", nan),
+                                 f"{r.get('chain_vs_step_loss_rel', nan):.1e}",
+                                 f"{r.get('ort2_vs_ort_loss_rel', nan):.1e}",
+                                 f"{_worst(r, [f'{a}_vs_{b}_logits_rel' for a, b in FORMAT_PAIRS]):.1e}",
+                                 _load(r)] for r in steps2])]
+    if rss:
         parts += ["", f"peak RSS of a process doing the steps, MB (VmHWM); loaded = RSS before the first step",
                   format_table(["model", "k", "batch", "ort MB", "step MB", "torch MB", "ort/torch", "step/torch",
                                 "step/ort", "ort loaded", "step loaded", "torch loaded"],
                                [[f"{r['model']}x{r['width']:g}", r["k"], r["batch_size"], r["ort_peak_mb"],
                                  r.get("step_peak_mb", nan), r["torch_peak_mb"], r["ratio"], r.get("step_ratio", nan),
                                  r.get("step_vs_ort", nan), r["ort_loaded_mb"], r.get("step_loaded_mb", nan),
-                                 r["torch_loaded_mb"]] for r in result["rss"]])]
+                                 r["torch_loaded_mb"]] for r in rss])]
+    if rss2:
+        parts += ["", "format 2, peak RSS, MB (VmHWM); its processes load the whole weight store (prefix too)",
+                  format_table(["model", "k", "batch", "chain MB", "ort2 MB", "torch MB", "chain/step", "ort2/ort",
+                                "chain/torch", "ort2/torch", "chain loaded", "ort2 loaded", "load"],
+                               [[f"{r['model']}x{r['width']:g}", r["k"], r["batch_size"], r["chain_peak_mb"],
+                                 r.get("ort2_peak_mb", nan), r["torch_peak_mb"], r.get("chain_vs_step", nan),
+                                 r.get("ort2_vs_ort", nan), r["chain_ratio"], r.get("ort2_ratio", nan),
+                                 r["chain_loaded_mb"], r.get("ort2_loaded_mb", nan), _load(r)] for r in rss2])]
     if result.get("exports"):
         parts += ["", "bundle export, s (step graph = exporting + checking step.onnx)",
                   format_table(["bundle", "export s", "step graph s", "load avg"],
@@ -536,6 +673,18 @@ def tables(result: dict) -> str:
                                  r["onnxruntime_ms"], r["torch_ms"], r["executorch_vs_torch"],
                                  r["onnxruntime_vs_torch"]] for r in result["prefix"]])]
     return "\n".join(parts)
+
+
+def _worst(row: dict, keys: list[str]) -> float:
+    """The largest of ``row``'s values at ``keys`` (nan when it has none of them)."""
+    return max((row[key] for key in keys if key in row), default=float("nan"))
+
+
+def _load(row: dict) -> str:
+    """The 1-minute load average before -> after a row's measurement."""
+    if "load_avg_before" not in row:
+        return "?"
+    return f"{row['load_avg_before'][0]:.2f}>{row['load_avg_after'][0]:.2f}"
 
 
 def main(argv=None) -> dict:
@@ -559,11 +708,13 @@ def main(argv=None) -> dict:
         for spec in args.splits:
             k = split_point(spec, num_blocks)
             print(f"{model} x{width:g}: stage {k} of {num_blocks} blocks", flush=True)
-            bundle = ensure_bundle(model, width, k, args.export_batch, bundle_dir)
-            timing = export_timing(bundle)
-            if timing:
-                result["exports"].append(timing)
-            part = measure_stage(args, model, width, k, num_blocks, bundle, bundle_dir)
+            bundles = {fmt: ensure_bundle(model, width, k, args.export_batch, bundle_dir, fmt)
+                       for fmt in args.formats}
+            for bundle in bundles.values():
+                timing = export_timing(bundle)
+                if timing and timing not in result["exports"]:  # format 2's: one for every k
+                    result["exports"].append(timing)
+            part = measure_stage(args, model, width, k, num_blocks, bundles, bundle_dir)
             result["step"] += part["step"]
             result["rss"] += part["rss"]
             if part["prefix"]:
@@ -571,8 +722,10 @@ def main(argv=None) -> dict:
             (out / "results.json").write_text(json.dumps(result, indent=1))  # partial results survive
     result["seconds"] = time.perf_counter() - started
     (out / "results.json").write_text(json.dumps(result, indent=1))
-    print(tables(result))
-    print(f"wrote {out / 'results.json'} ({result['seconds']:.0f} s)")
+    table = tables(result)
+    (out / "table.txt").write_text(table + "\n")
+    print(table)
+    print(f"wrote {out / 'results.json'} and table.txt ({result['seconds']:.0f} s)")
     return result
 
 

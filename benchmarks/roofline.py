@@ -122,9 +122,10 @@ def main(argv=None) -> dict:
         for spec in args.splits:
             k = device_step.split_point(spec, num_blocks)
             bundle = device_step.ensure_bundle(model, width, k, args.export_batch, bundle_dir)
-            stage = load_bundle(bundle, verify=False).stages[0]
+            loaded = load_bundle(bundle, verify=False)
+            stage = loaded.stage(k)
             for batch_size in args.batch_sizes:
-                step = device_step.DeviceStep(stage, num_blocks, args.threads, args.lr, args.momentum,
+                step = device_step.DeviceStep(loaded, k, num_blocks, args.threads, args.lr, args.momentum,
                                               args.weight_decay)
                 if batch_size == args.batch_sizes[0]:
                     densities = {w: float(step.trainer.get_parameter(m).mean()) for m, w in stage.masks}

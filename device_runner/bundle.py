@@ -15,7 +15,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from .errors import BundleError
 from .files import sha256_file
-from .manifest import MANIFEST_NAME, FileEntry, Manifest, StageEntry, read_manifest
+from .manifest import (MANIFEST_NAME, BlockEntry, FileEntry, Manifest, ManifestV2, StageEntry,
+                       read_manifest)
 from .signing import NO_KEYS, load_trusted_keys, signature_status
 
 
@@ -59,32 +60,82 @@ def file_problems(root: Path, files: dict[str, FileEntry]) -> list[str]:
 
 @dataclass(frozen=True)
 class Stage:
-    """Stage ``k``: blocks ``[0, k)`` frozen (the prefix), blocks ``[k, n)`` trained."""
+    """Stage ``k``: blocks ``[0, k)`` frozen (the prefix), blocks ``[k, n)`` trained.
+
+    Format 1 gives each stage its own graphs (the path fields); format 2 has none: a stage
+    there is only a boundary over the bundle's blocks (:func:`block_stage`).
+    """
 
     k: int
-    prefix_onnx: Path | None
-    prefix_pte: Path | None
-    pte_batch_size: int | None
     feature_shape: tuple[int, ...]
-    training_model: Path
-    eval_model: Path
-    checkpoint: Path
     parameters: tuple[str, ...]
     masks: tuple[tuple[str, str], ...]          # (mask name, weight name)
-    batchnorms: tuple[dict, ...]
-    training_outputs: tuple[str, ...]
-    eval_outputs: tuple[str, ...]
     backends: tuple[str, ...] = ("onnxruntime-training",)   # suffix backends this stage supports
+    prefix_onnx: Path | None = None
+    prefix_pte: Path | None = None
+    pte_batch_size: int | None = None
+    training_model: Path | None = None
+    eval_model: Path | None = None
+    checkpoint: Path | None = None
+    batchnorms: tuple[dict, ...] = ()
+    training_outputs: tuple[str, ...] = ()
+    eval_outputs: tuple[str, ...] = ()
     step_model: Path | None = None                          # step.onnx (backend "onnxruntime")
     step_state: Path | None = None                          # its starting state (npz)
+
+
+MASK_SUFFIX = "_mask"   # a masked weight's mask as the trainers name it: "<weight>_mask"
+
+
+@dataclass(frozen=True)
+class DeviceBlock:
+    """Block ``index`` of a format-2 bundle: its four programs (absolute paths) and the names
+    of the state they read; every block's programs exist once (spfde_edge/export/block_programs.py)."""
+
+    index: int
+    name: str
+    input_shape: tuple[int, ...]                # per sample
+    output_shape: tuple[int, ...]
+    parameters: tuple[str, ...]                 # trainable, in program input order
+    running_stats: tuple[str, ...]
+    masks: tuple[str, ...]                      # its masked weights
+    infer: Path
+    train: Path
+    backward: Path
+    backward_first: Path
+    backward_parameters: tuple[str, ...]
+    backward_needs_input: bool
+    saved: tuple[str, ...]
+
+    def program(self, kind: str) -> Path:
+        """``infer``, ``train``, ``backward`` or ``backward_first``."""
+        return getattr(self, kind)
+
+
+def block_stage(blocks: tuple[DeviceBlock, ...], k: int, ort_training_ks=()) -> Stage:
+    """The format-2 stage at boundary ``k``: blocks ``[k, n)`` train, fed from the one weight copy."""
+    suffix = blocks[k:]
+    return Stage(
+        k=k,
+        feature_shape=blocks[k].input_shape,
+        parameters=tuple(p for b in suffix for p in b.parameters),
+        masks=tuple((w + MASK_SUFFIX, w) for b in suffix for w in b.masks),
+        backends=("onnxruntime",) + (("onnxruntime-training",) if k in ort_training_ks else ()),
+    )
 
 
 @dataclass(frozen=True)
 class Bundle:
     root: Path
-    manifest: Manifest
+    manifest: Manifest | ManifestV2
     stages: tuple[Stage, ...]
     signature: str = NO_KEYS      # "signed by KEYID, verified", ... (signing.signature_status)
+    blocks: tuple[DeviceBlock, ...] = ()   # format 2 only
+    weights_path: Path | None = None       # format 2 only: weights.safetensors
+
+    @property
+    def format_version(self) -> int:
+        return self.manifest.format_version
 
     @property
     def model_name(self) -> str:
@@ -140,6 +191,17 @@ def _stage(root: Path, entry: StageEntry) -> Stage:
     )
 
 
+def _device_block(root: Path, entry: BlockEntry) -> DeviceBlock:
+    return DeviceBlock(
+        index=entry.index, name=entry.name,
+        input_shape=tuple(int(d) for d in entry.input.shape[1:]),
+        output_shape=tuple(int(d) for d in entry.output.shape[1:]),
+        parameters=entry.parameters, running_stats=entry.running_stats, masks=entry.masks,
+        infer=root / entry.infer, train=root / entry.train, backward=root / entry.backward,
+        backward_first=root / entry.backward_first, backward_parameters=entry.backward_parameters,
+        backward_needs_input=entry.backward_needs_input, saved=entry.saved)
+
+
 def stage_files(entry: StageEntry) -> list[str]:
     """Every bundle path a backend may open for this stage (all must be listed in ``files``)."""
     prefix, suffix, step = entry.prefix, entry.suffix, entry.suffix.step_graph
@@ -149,6 +211,28 @@ def stage_files(entry: StageEntry) -> list[str]:
     if step is not None:
         paths += [step.model, step.state]
     return paths
+
+
+def bundle_files(manifest: Manifest | ManifestV2) -> list[tuple[str, str]]:
+    """(what, path) for every file a backend may open; all must be listed in ``files``."""
+    if manifest.format_version == 1:
+        return [(f"stage {e.stage}", rel) for e in manifest.stages for rel in stage_files(e)]
+    paths = [("the weight store", manifest.weights.file)]
+    paths += [(f"block {b.index}", rel) for b in manifest.blocks
+              for rel in (b.infer, b.train, b.backward, b.backward_first)]
+    paths += [(f"ORT training boundary {o.k}", rel) for o in manifest.ort_training
+              for rel in (o.training_model, o.eval_model, o.optimizer_model)]
+    return paths
+
+
+def _v2_parts(root: Path, manifest: ManifestV2) -> tuple[tuple[DeviceBlock, ...], tuple[Stage, ...]]:
+    """The blocks in order, and a stage at every block boundary."""
+    blocks = tuple(sorted((_device_block(root, b) for b in manifest.blocks), key=lambda b: b.index))
+    if [b.index for b in blocks] != list(range(len(manifest.model.blocks))):
+        raise BundleError(f"bundle {root} has blocks {[b.index for b in blocks]} but its model has "
+                          f"{len(manifest.model.blocks)}; re-export the bundle")
+    ort_ks = {o.k for o in manifest.ort_training}
+    return blocks, tuple(block_stage(blocks, k, ort_ks) for k in range(len(blocks)))
 
 
 def _damaged(root: Path, problems: list[str], fix: str) -> BundleError:
@@ -174,14 +258,17 @@ def load_bundle(root: str | Path, verify: bool = True, trusted_keys: str | Path 
     unsafe = path_problems(root, files)
     if unsafe:
         raise _damaged(root, unsafe, "re-export the bundle and copy files, not links")
-    for entry in manifest.stages:
-        for rel in stage_files(entry):
-            if rel not in files:
-                raise BundleError(f"stage {entry.stage} names {rel}, which the manifest's file table "
-                                  "does not list (so its sha256 is not checked); re-export the bundle")
+    for what, rel in bundle_files(manifest):
+        if rel not in files:
+            raise BundleError(f"{what} names {rel}, which the manifest's file table "
+                              "does not list (so its sha256 is not checked); re-export the bundle")
     if verify:
         problems = file_problems(root, files)
         if problems:
             raise _damaged(root, problems, "copy the bundle again")
+    if manifest.format_version == 2:
+        blocks, stages = _v2_parts(root, manifest)
+        return Bundle(root=root, manifest=manifest, stages=stages, signature=signature, blocks=blocks,
+                      weights_path=root / manifest.weights.file)
     stages = tuple(sorted((_stage(root, e) for e in manifest.stages), key=lambda s: s.k))
     return Bundle(root=root, manifest=manifest, stages=stages, signature=signature)

@@ -17,6 +17,9 @@ mode with the run's running statistics. A weight whose zeros make it smaller as 
 ``sparse_initializer`` (float32 values + int64 indices: below 1/3 density) is stored that
 way; ONNX Runtime turns sparse initializers into dense tensors when it loads the model.
 
+A format-2 bundle's model is simpler: every block's ``infer.onnx`` in order, its parameter
+inputs baked from the run's model state (masked weights are already exact zeros there).
+
 Before anything is written, the graph is checked with ``onnx.checker`` and run on plain
 ONNX Runtime against :class:`TrainedModel` on the run's held-out images; above
 ``PARITY_LIMIT`` (max |Δlogit|) nothing is written.
@@ -136,13 +139,33 @@ def _normalisation_nodes(mean: list[float], std: list[float], output: str):
     return nodes, consts
 
 
-def compose(model: TrainedModel):
-    """The ONNX ModelProto of ``model``: normalisation, prefix, bridges, suffix (dense weights)."""
-    import onnx
-    from onnx import TensorProto, helper
+def _block_parts(model: TrainedModel) -> list:
+    """Format 2: (tag, graph) of every block's infer program with the run's weights baked in;
+    a program shared by blocks of one structure is loaded once per block and named per block."""
+    state = model.pipeline.state
+    parts = []
+    for block in model.bundle.blocks:
+        part = _load(block.infer)
+        local = f"blocks.{block.index}."
+        for name in [i.name for i in part.graph.input[1:]]:
+            _rename_value(part.graph, name, local + name)
+        _bake(part.graph, state.weights, [])
+        parts.append((f"block_{block.index}", part))
+    return parts
 
+
+def _rename_value(graph, old: str, new: str) -> None:
+    for value in graph.input:
+        if value.name == old:
+            value.name = new
+    for node in graph.node:
+        node.input[:] = [new if n == old else n for n in node.input]
+
+
+def _stage_parts(model: TrainedModel) -> list:
+    """Format 1: (tag, graph) of the bundle prefix, each bridge and the current suffix."""
     bundle, starts, position = model.bundle, model.starts, model.position
-    parts = []  # (tag, graph, ir_version, opsets)
+    parts = []
     first = bundle.stage(starts[0][0])
     if first.k > 0 and first.prefix_onnx is not None:
         prefix = _load(first.prefix_onnx)
@@ -163,7 +186,16 @@ def compose(model: TrainedModel):
     suffix = _cut(full, [i.name for i in full.graph.input if i.name != "labels"], OUTPUT)
     _bake(suffix.graph, model.suffix_parameters(), list(stage.masks))
     parts.append((f"suffix_{stage.k}", suffix))
+    return parts
 
+
+def compose(model: TrainedModel):
+    """The ONNX ModelProto of ``model``: normalisation, prefix, bridges, suffix (dense weights)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    bundle = model.bundle
+    parts = _block_parts(model) if bundle.format_version == 2 else _stage_parts(model)  # (tag, graph)
     nodes, initializers = _normalisation_nodes(bundle.mean, bundle.std, "normalize/output")
     upstream = "normalize/output"
     opsets: dict[str, int] = {}

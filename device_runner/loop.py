@@ -110,7 +110,7 @@ class Runner:
         self.train_idx, self.val_idx = stratified_split(self.data.labels, config.val_fraction, config.seed)
         plan = self.bundle.manifest.spfde
         self.schedule = schedule.device_schedule(
-            stage_ks=[s.k for s in self.bundle.stages], num_blocks=self.bundle.num_blocks, epochs=config.epochs,
+            stage_ks=schedule.run_stage_ks(self.bundle), num_blocks=self.bundle.num_blocks, epochs=config.epochs,
             epochs_done=plan.epochs_done, plan_epochs=plan.epochs, freeze_epochs=plan.freezing.freeze_epochs,
             delta_tau=plan.delta_tau, base_lr=plan.lr_schedule.base_lr, update_fraction=plan.dst.update_fraction,
             lr=config.lr, device_delta_tau=config.delta_tau, freeze_at=config.freeze_at,
@@ -130,7 +130,7 @@ class Runner:
         self.checkpoint_every = config.checkpoint_every or self.profile.checkpoint_every_steps
         # Chosen now so that a bundle the backend cannot run is refused before anything is written.
         self.suffix_class, self.suffix_choice = choose_suffix_backend(
-            self.profile.suffix_backend, self.bundle.stages)
+            self.profile.suffix_backend, self.bundle, [k for k, _ in self.starts], self.profile.threads)
         # Progress; everything below is in run_state.snapshot().
         self.epoch = 0
         self.position = 0             # samples of this epoch's order already trained

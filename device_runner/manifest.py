@@ -22,8 +22,10 @@ from .errors import BundleError
 
 FORMAT = "spfde-bundle"
 FORMAT_VERSION = 1
+FORMAT_VERSIONS = (1, 2)         # 1: a graph set per stage; 2: per-block programs + one weight store
 MANIFEST_NAME = "manifest.json"
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
+SCHEMA_V2_PATH = Path(__file__).with_name("manifest.v2.schema.json")
 REEXPORT = "re-export the bundle with python -m spfde_edge.export"
 
 DST_LAM = 1.0   # MEST's λ in the prune score |w| + λ|g| when the run did not set one
@@ -224,7 +226,10 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
-class Manifest:
+class BundleDescription:
+    """What every bundle format says about itself: the model, where it came from, the SpFDE
+    schedule to continue, the parity bounds, the file table and the versions that made it."""
+
     created_utc: str
     export_s: float
     model: ModelInfo
@@ -233,21 +238,94 @@ class Manifest:
     sparsity: Sparsity
     spfde: Spfde
     device_training: dict[str, str]
-    stages: tuple[StageEntry, ...]
     tolerances: dict[str, float]
     files: dict[str, FileEntry]
     versions: dict[str, str]
     export_options: dict
     train_config: dict
 
+    format_version = 0   # set by each format below
+
     def to_dict(self) -> dict:
         """The JSON form, format and version first."""
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, **_plain(self)}
+        return {"format": FORMAT, "format_version": self.format_version, **_plain(self)}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Manifest":
+    def from_dict(cls, data: dict):
         """The typed form of a manifest that already passed ``validate``."""
         return _build(cls, {k: v for k, v in data.items() if k not in ("format", "format_version")})
+
+
+@dataclass(frozen=True)
+class Manifest(BundleDescription):
+    """Bundle format 1: a graph set per freezing stage."""
+
+    stages: tuple[StageEntry, ...]
+
+    format_version = 1
+
+
+# -- format 2: every block once, the weights once ------------------------------------------
+
+@dataclass(frozen=True)
+class BlockEntry:
+    """Block ``index`` as standard-ONNX programs (spfde_edge/export/block_programs.py); its
+    parameters and running statistics are graph inputs fed from the weight store."""
+
+    index: int
+    name: str
+    input: TensorSpec
+    output: TensorSpec
+    parameters: tuple[str, ...]          # trainable, in train/infer input order
+    running_stats: tuple[str, ...]
+    masks: tuple[str, ...]               # the block's masked weights (their masks are in the store)
+    infer: str                           # (x, parameters, running) -> y, eval mode
+    train: str                           # (x, parameters, running) -> (y, running .new, saved ...)
+    backward: str                        # (backward_parameters, x?, saved, grad_y) -> (.grad ..., grad_x)
+    backward_first: str                  # the same without grad_x
+    backward_parameters: tuple[str, ...]
+    backward_needs_input: bool
+    saved: tuple[str, ...]
+    flops_per_sample: Flops              # prefix_forward: this block's forward; suffix_*: its training
+    parity: dict[str, float]
+
+
+@dataclass(frozen=True)
+class WeightsEntry:
+    file: str                            # weights.safetensors (device_runner/weight_store.py)
+    parameters: tuple[str, ...]
+    running_stats: tuple[str, ...]
+    masked: tuple[str, ...]
+    bytes: int
+    dense_bytes: int                     # the same tensors stored dense, for comparison
+
+
+@dataclass(frozen=True)
+class OrtBoundary:
+    """ONNX Runtime training artifacts of the suffix from block ``k``, without weights: the
+    device builds their checkpoint from the weight store (backends/ort_checkpoint.py)."""
+
+    k: int
+    training_model: str
+    eval_model: str
+    optimizer_model: str
+    parameters: tuple[str, ...]
+    frozen: tuple[str, ...]
+    training_outputs: tuple[str, ...]
+    eval_outputs: tuple[str, ...]
+    batchnorms: tuple[BatchNormEntry, ...]
+
+
+@dataclass(frozen=True)
+class ManifestV2(BundleDescription):
+    """Bundle format 2: one weight store, each block's programs once, freezing at any boundary."""
+
+    weights: WeightsEntry
+    blocks: tuple[BlockEntry, ...]
+    ort_training: tuple[OrtBoundary, ...]
+    parity: dict[str, float]
+
+    format_version = 2
 
 
 def _plain(value):
@@ -281,9 +359,9 @@ def _build(kind, value):
     return value
 
 
-@functools.lru_cache(maxsize=1)
-def _validator():
-    schema = json.loads(SCHEMA_PATH.read_text())
+@functools.lru_cache(maxsize=2)
+def _validator(version: int = FORMAT_VERSION):
+    schema = json.loads((SCHEMA_V2_PATH if version == 2 else SCHEMA_PATH).read_text())
     return jsonschema.validators.validator_for(schema)(schema)
 
 
@@ -294,7 +372,8 @@ def _json_path(parts) -> str:
 
 def validate(data: dict, fix: str = REEXPORT) -> None:
     """Refuse ``data`` unless it matches the schema; the message names the JSON path."""
-    error = jsonschema.exceptions.best_match(_validator().iter_errors(data))
+    version = data.get("format_version") if isinstance(data, dict) else None
+    error = jsonschema.exceptions.best_match(_validator(2 if version == 2 else 1).iter_errors(data))
     if error is not None:
         message = " ".join(error.message.split())
         message = message if len(message) <= 160 else message[:157] + "..."
@@ -302,7 +381,7 @@ def validate(data: dict, fix: str = REEXPORT) -> None:
                           f"{_json_path(error.absolute_path)}: {message}; {fix}")
 
 
-def write_manifest(root: Path, manifest: Manifest) -> Path:
+def write_manifest(root: Path, manifest: "Manifest | ManifestV2") -> Path:
     """Write ``manifest.json`` into ``root`` (checked against the schema first)."""
     data = manifest.to_dict()
     validate(data, fix="the exporter built a wrong manifest: report this as a bug")
@@ -311,7 +390,7 @@ def write_manifest(root: Path, manifest: Manifest) -> Path:
     return path
 
 
-def read_manifest(root: Path, raw: bytes | None = None) -> Manifest:
+def read_manifest(root: Path, raw: bytes | None = None) -> "Manifest | ManifestV2":
     """The manifest of the bundle in ``root``; anything but this format version is refused.
     ``raw``: the manifest's bytes already read (and signature-checked) by the caller."""
     root = Path(root)
@@ -330,15 +409,15 @@ def read_manifest(root: Path, raw: bytes | None = None) -> Manifest:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise BundleError(f"{path} is not an spfde bundle manifest (format is not '{FORMAT}')")
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in FORMAT_VERSIONS:
         raise BundleError(f"{path} has bundle format version {version!r}; this spfde-edge reads "
-                          f"{FORMAT_VERSION}: {REEXPORT}, or update device_runner")
+                          f"{' and '.join(map(str, FORMAT_VERSIONS))}: {REEXPORT}, or update device_runner")
     validate(data)
     model = data["model"]
     if len(model["classes"]) != model["num_classes"]:
         raise BundleError(f"{path} names {len(model['classes'])} classes but model.num_classes is "
                           f"{model['num_classes']}; {REEXPORT}")
-    return Manifest.from_dict(data)
+    return (ManifestV2 if version == 2 else Manifest).from_dict(data)
 
 
 def _refuse_constant(name: str):

@@ -67,6 +67,23 @@ def stage_starts(stage_ks: Sequence[int], freeze_epochs: Sequence[int], plan: De
     return [(ks[0], 0)] + list(zip(later, starts))
 
 
+def planned_stage_ks(num_blocks: int, num_frozen: int, freeze_epochs: Sequence[int]) -> list[int]:
+    """The stages the host plan moves through: from the blocks frozen now to the last block the
+    plan freezes (the head never freezes). What format 1 exports by default; format 2 can
+    freeze at any boundary, so a run there takes exactly these from the plan."""
+    last = min(num_blocks - 1, max(num_frozen, len(freeze_epochs)))
+    return list(range(num_frozen, last + 1))
+
+
+def run_stage_ks(bundle) -> list[int]:
+    """The stage boundaries a run of ``bundle`` schedules: format 1 its exported stages,
+    format 2 the host plan's (every boundary is available there)."""
+    if bundle.format_version == 1:
+        return [s.k for s in bundle.stages]
+    manifest = bundle.manifest
+    return planned_stage_ks(bundle.num_blocks, manifest.source.num_frozen, manifest.spfde.freezing.freeze_epochs)
+
+
 def stage_at(starts: Sequence[tuple[int, int]], epoch: int) -> int:
     """Position in ``starts`` of the stage that trains during ``epoch``."""
     position = 0

@@ -6,6 +6,12 @@ then one ONNX Runtime *bridge* per later stage change with the device-trained we
 the blocks that froze there. Their output for a sample never changes within a stage, so
 it is cached per sample index (cache.py). Moving to the next stage carries the suffix's
 weights, masks, BatchNorm statistics and momentum into the next stage's artifacts.
+
+A format-2 bundle has one model state (model_state.py) and per-block programs instead:
+the chain is :class:`~.backends.block_chain.InferChain` segments over the frozen blocks
+(one per stage the run passed through, each rounded to the cache's precision like a
+bridge), and a stage change only moves ``k``: the next trainer shares the state, so
+nothing is copied and no graph is cut.
 """
 from __future__ import annotations
 
@@ -15,12 +21,14 @@ from pathlib import Path
 import numpy as np
 
 from .backends import executorch_prefix
+from .backends.block_chain import BlockSessions, InferChain
 from .backends.blocks import block_of
 from .backends.ort_prefix import OrtBridge, OrtPrefix, PrefixChain
-from .bundle import Bundle
+from .bundle import MASK_SUFFIX, Bundle
 from .cache import FeatureCache, round_trip
 from .data import DeviceData, normalize
 from .errors import BundleError
+from .model_state import ModelState
 from .profile import Profile
 
 
@@ -43,7 +51,8 @@ class StagePipeline:
     """Features for the suffix at stage ``starts[position]``, and the move to the next stage.
 
     ``frozen_params`` holds the device-trained weights of blocks frozen on the device; it
-    is run state (the checkpoint's ``frozen/`` arrays) and feeds the bridges.
+    is run state (the checkpoint's ``frozen/`` arrays) and feeds the bridges. In format 2
+    its arrays are the model state's own (given ones are written into the state first).
     """
 
     def __init__(self, bundle: Bundle, profile: Profile, data: DeviceData, starts: list,
@@ -55,6 +64,14 @@ class StagePipeline:
         self.cache_dir = cache_dir
         self.position = position
         self.frozen_params = {} if frozen_params is None else frozen_params
+        self.state: ModelState | None = None        # format 2: the one copy of the model
+        self.sessions: BlockSessions | None = None
+        if bundle.format_version == 2:
+            self.state = ModelState.load(bundle.weights_path)
+            self.sessions = BlockSessions(profile.threads)
+            for name, value in self.frozen_params.items():
+                self.state.assign(name, value)
+            self.frozen_params = {name: self.state.array(name) for name in self.frozen_params}
         self.prefix = self._build_prefix()
         self.cache = self._new_cache()
 
@@ -66,12 +83,23 @@ class StagePipeline:
     def new_trainer(self, suffix_state: Path | None = None):
         """The current stage's suffix trainer, from the bundle or from a checkpoint's suffix state."""
         stage = self.bundle.stage(self.k)
+        if self.state is not None:   # format 2: every trainer runs on the one model state
+            return self.suffix_class(stage, self.bundle.blocks, self.state, self.sessions, suffix_state)
         if suffix_state is None:
             return self.suffix_class(stage, self.profile.threads)
         return self.suffix_class(stage, self.profile.threads, suffix_state)
 
     # --- building ---------------------------------------------------------------------------
+    def _chain(self, k_from: int, k_to: int) -> InferChain:
+        return InferChain(self.bundle.blocks[k_from:k_to], self.state, self.sessions)
+
     def _build_prefix(self) -> PrefixChain:
+        if self.state is not None:
+            k0 = self.starts[0][0] if self.starts else 0
+            self.prefix_choice = ("onnxruntime block chain (bundle format 2: the frozen blocks' infer programs)"
+                                  if k0 or self.position else "none (stage 0 trains every block)")
+            segments = [self._chain(self.starts[j - 1][0], self.starts[j][0]) for j in range(1, self.position + 1)]
+            return PrefixChain(self._chain(0, k0) if k0 else None, segments, self._precision)
         first = self.bundle.stage(self.starts[0][0]) if self.starts else self.bundle.stages[0]
         base, self.prefix_choice = choose_base_prefix(first, self.profile.prefix_backend, self.profile.threads)
         bridges = []
@@ -148,6 +176,8 @@ class StagePipeline:
         old_k = self.k
         self.position = position
         new_k = self.k
+        if self.state is not None:
+            return self._move_boundary(old_k, new_k, trainer)
         current = {n: trainer.get_parameter(n) for n in trainer.parameter_names()}
         for name, value in current.items():
             if block_of(name) < new_k:
@@ -162,5 +192,22 @@ class StagePipeline:
         self.prefix = PrefixChain(self.prefix.base, self.prefix.bridges + [bridge], self._precision)
         if self.cache.enabled:
             self.cache.transform(lambda features: self._precision(bridge.forward(features)),
+                                 feature_shape=self.bundle.stage(new_k).feature_shape)
+        return successor
+
+    def _move_boundary(self, old_k: int, new_k: int, trainer):
+        """Format 2: blocks ``[old_k, new_k)`` freeze in place; only their infer programs run on."""
+        trainer.release()   # the state must hold its own arrays before they are shared on
+        for block in self.bundle.blocks[old_k:new_k]:
+            for name in block.parameters + block.running_stats + tuple(w + MASK_SUFFIX for w in block.masks):
+                self.frozen_params[name] = self.state.array(name)
+            self.sessions.release(block.index)
+        self.sessions.release(new_k, ("backward",))   # the first trainable block runs backward_first
+        successor = self.new_trainer()
+        successor.momentum_buffers = {n: b for n, b in trainer.momentum_buffers.items() if block_of(n) >= new_k}
+        segment = self._chain(old_k, new_k)
+        self.prefix = PrefixChain(self.prefix.base, self.prefix.bridges + [segment], self._precision)
+        if self.cache.enabled:
+            self.cache.transform(lambda features: self._precision(segment.forward(features)),
                                  feature_shape=self.bundle.stage(new_k).feature_shape)
         return successor

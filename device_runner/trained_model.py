@@ -34,7 +34,7 @@ def run_starts(config: RunConfig, bundle) -> list[tuple[int, int]]:
     """The run's stages as ``(k, first epoch)``: the same schedule call the runner makes."""
     plan = bundle.manifest.spfde
     return schedule.device_schedule(
-        stage_ks=[s.k for s in bundle.stages], num_blocks=bundle.num_blocks, epochs=config.epochs,
+        stage_ks=schedule.run_stage_ks(bundle), num_blocks=bundle.num_blocks, epochs=config.epochs,
         epochs_done=plan.epochs_done, plan_epochs=plan.epochs, freeze_epochs=plan.freezing.freeze_epochs,
         delta_tau=plan.delta_tau, base_lr=plan.lr_schedule.base_lr, update_fraction=plan.dst.update_fraction,
         lr=config.lr, device_delta_tau=config.delta_tau, freeze_at=config.freeze_at).starts
@@ -70,7 +70,8 @@ class TrainedModel:
         self.epoch, self.status = int(meta["epoch"]), meta["status"]
         self.mid_epoch = int(meta["position"]) > 0
         self.history = meta["history"]
-        suffix_class, self.suffix_choice = choose_suffix_backend(self.profile.suffix_backend, self.bundle.stages)
+        suffix_class, self.suffix_choice = choose_suffix_backend(self.profile.suffix_backend, self.bundle,
+                                                                   [k for k, _ in self.starts], self.profile.threads)
         size = self.input_size
         nothing = DeviceData(np.zeros((0, 3, size, size), np.uint8), np.zeros(0, np.int64), "none")
         self.pipeline = StagePipeline(self.bundle, self.profile, nothing, self.starts, suffix_class,

@@ -9,7 +9,9 @@
 #              ARM64_WHEELS (aarch64 wheel cache, default /var/tmp/spfde-arm64-wheels),
 #              ARM64_WORK (bundle, data and runs, default /var/tmp/spfde-arm64-work),
 #              PYTHON (host Python with spfde_edge installed, default python3),
-#              EPOCHS (device epochs of the compared runs, default 2).
+#              EPOCHS (device epochs of the compared runs, default 2),
+#              BUNDLE_FORMAT (2: one weight store + per-block programs, the block chain; 1: per-stage
+#              step.onnx; default 2).
 #
 # Phases: 1 emulator + binfmt, 2 rootfs (debootstrap, 3-13 min; reused), 3 aarch64 wheels
 # downloaded on the host (pip inside the chroot cannot verify this network's TLS), 4 offline
@@ -24,6 +26,7 @@ WHEELS="${ARM64_WHEELS:-/var/tmp/spfde-arm64-wheels}"
 WORK="${ARM64_WORK:-/var/tmp/spfde-arm64-work}"
 PYTHON="${PYTHON:-python3}"
 EPOCHS="${EPOCHS:-2}"
+BUNDLE_FORMAT="${BUNDLE_FORMAT:-2}"
 SUITE=bookworm
 DEVICE_DIR=/opt/spfde           # where the repo's device side lives inside the rootfs
 VENV=$DEVICE_DIR/venv
@@ -167,25 +170,32 @@ grep -q suffix_backend "$REPO/profiles/schema.json" \
 "$PYTHON" -c 'import spfde_edge.export' 2>/dev/null \
     || die "$PYTHON cannot import spfde_edge.export: pip install -e \".[dev]\" in $REPO, or set PYTHON"
 BUNDLE="$WORK/bundle"
-has_plain_ort_suffix() {  # a bundle this device_runner reads, with step.onnx in every stage
-    [[ -f $BUNDLE/manifest.json ]] && (cd "$REPO" && "$PYTHON" - "$BUNDLE" <<'PY'
+has_plain_ort_suffix() {  # a bundle of BUNDLE_FORMAT this device_runner reads, plain-ORT trainable everywhere
+    [[ -f $BUNDLE/manifest.json ]] && (cd "$REPO" && "$PYTHON" - "$BUNDLE" "$BUNDLE_FORMAT" <<'PY'
 import sys
 from device_runner.bundle import load_bundle
 from device_runner.errors import BundleError
 try:
-    stages = load_bundle(sys.argv[1], verify=False).stages
+    bundle = load_bundle(sys.argv[1], verify=False)
 except BundleError:
     sys.exit(1)
-sys.exit(0 if stages and all("onnxruntime" in s.backends for s in stages) else 1)
+stages = bundle.stages
+ok = bundle.format_version == int(sys.argv[2]) and stages and all("onnxruntime" in s.backends for s in stages)
+sys.exit(0 if ok else 1)
 PY
 )
 }
+if [[ $BUNDLE_FORMAT == 2 ]]; then
+    EXPORT_SHAPE=(--bundle-format 2)
+else
+    EXPORT_SHAPE=(--bundle-format 1 --stages 14-15 --parity-steps 2)
+fi
 if has_plain_ort_suffix; then
     echo "   reusing $BUNDLE (delete it to export again)"
 else
-    echo "   python -m spfde_edge.export: resnet32 width 0.25, 16x16, stages 14-15, batch 8 (a few minutes)"
+    echo "   python -m spfde_edge.export: resnet32 width 0.25, 16x16, format $BUNDLE_FORMAT, batch 8 (a few minutes)"
     (cd "$REPO" && "$PYTHON" -m spfde_edge.export --model resnet32 --width 0.25 --input-size 16 \
-        --stages 14-15 --batch-size 8 --epochs 30 --delta-tau 2 --freeze-flops 0.2 --parity-steps 2 --force \
+        "${EXPORT_SHAPE[@]}" --batch-size 8 --epochs 30 --delta-tau 2 --freeze-flops 0.2 --force \
         --out "$BUNDLE") >"$WORK/export.log" 2>&1 \
         || { tail -5 "$WORK/export.log" >&2; die "export failed (log: $WORK/export.log)"; }
     has_plain_ort_suffix || die "the exported manifest lists no 'onnxruntime' suffix backend for every stage: the exporter does not write the standard-ONNX training step yet"
@@ -207,9 +217,11 @@ DEV_WORK=$DEVICE_DIR/work
 rm -rf "$ROOT$DEV_WORK" && mkdir -p "$ROOT$DEV_WORK"
 cp -r "$BUNDLE" "$WORK/images" "$WORK/raspberry-pi-5-onnxruntime.yaml" "$ROOT$DEV_WORK/"
 # Same seed, data, batch, LR, Δτ and stage schedule on both; one thread so reductions run in one order.
+# Format 1 moves to its one later stage at epoch 1; format 2 follows the bundle's freezing plan.
+FREEZE_AT=(); [[ $BUNDLE_FORMAT == 1 ]] && FREEZE_AT=(--freeze-at 1)
 run_args() {  # run_args WORKDIR PROFILE OUT
     echo --bundle "$1/bundle" --profile "$2" --data "imagefolder:$1/images" --epochs "$EPOCHS" \
-        --freeze-at 1 --batch-size 8 --delta-tau 1 --lr 0.05 --seed 0 --threads 1 --out "$3"
+        "${FREEZE_AT[@]}" --batch-size 8 --delta-tau 1 --lr 0.05 --seed 0 --threads 1 --out "$3"
 }
 done_phase
 

@@ -92,9 +92,16 @@ def test_device_step_quick(runs):
         assert row["step_vs_ort"] == pytest.approx(row["step_peak_mb"] / row["ort_peak_mb"])
         # The torch-free device processes must be smaller than one that loaded libtorch.
         assert row["ort_peak_mb"] < row["torch_peak_mb"] and row["step_peak_mb"] < row["torch_peak_mb"]
-    # The quick run exported its own bundle (with step.onnx) and timed the export.
-    (export,) = result["exports"]
-    assert export["k"] == 11 and 0 < export["step_graph_s"] < export["export_s"]
+    # Format 2 on the same weights: same first-step loss, both of its backends timed.
+    for row in result["step"]:
+        assert row["chain_ms"] > 0 and row["ort2_ms"] > 0
+        assert row["chain_vs_step"] == pytest.approx(row["chain_ms"] / row["step_ms"])
+        assert row["chain_vs_step_loss_rel"] < 1e-4 and row["ort2_vs_ort_loss_rel"] < 1e-4
+    # The quick run exported its own bundles (format 1 with step.onnx, format 2) and timed them.
+    exports = {e["format"]: e for e in result["exports"]}
+    assert sorted(exports) == [1, 2]
+    assert exports[1]["k"] == 11 and 0 < exports[1]["step_graph_s"] < exports[1]["export_s"]
+    assert exports[2]["k"] is None and exports[2]["export_s"] > 0
     (prefix,) = result["prefix"]
     assert prefix["batch_size"] == 16
     assert min(prefix["executorch_ms"], prefix["onnxruntime_ms"], prefix["torch_ms"]) > 0
@@ -110,9 +117,10 @@ def test_torch_reference_keeps_masked_weights_zero(runs):
     device_step = load("device_step")
     from device_runner.bundle import load_bundle
 
-    (bundle,) = [p for p in (root / "bundles").iterdir() if p.is_dir()]
-    stage = load_bundle(bundle, verify=False).stages[0]
-    device = device_step.DeviceStep(stage, 17, 1, 0.1, 0.9, 5e-4)
+    (bundle,) = [p for p in (root / "bundles").iterdir() if p.is_dir() and "-v2-" not in p.name]  # format 1
+    loaded = load_bundle(bundle, verify=False)
+    stage = loaded.stages[0]
+    device = device_step.DeviceStep(loaded, stage.k, 17, 1, 0.1, 0.9, 5e-4)
     state = device.state()
     masks = dict(stage.masks)
     reference = device_step.TorchStep("resnet32", 0.25, stage.k, state, masks, 0.1, 0.9, 5e-4)

@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "-> logits in one ExecuTorch program, written to --out (default export/RUN.pte)")
     bundle.add_argument("--force", action="store_true",
                         help="replace an existing bundle of another model in --out")
+    bundle.add_argument("--bundle-format", type=int, choices=(1, 2), default=1,
+                        help="2: the weights once in one sparse store and each block's programs once, "
+                             "freezing at any block boundary (docs/bundle.md); 1: a graph set per stage "
+                             "(default, for now)")
     bundle.add_argument("--opset", type=int, default=17, help="ONNX opset, 14-20 (default 17)")
     bundle.add_argument("--no-step-graph", dest="step_graph", action="store_false",
                         help="skip step.onnx, the standard-ONNX training step that plain onnxruntime "
@@ -118,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             width=args.width, cifar_stem=args.cifar_stem, sparsity=args.sparsity,
             distribution=args.distribution, freeze_flops=args.freeze_flops, epochs=args.epochs,
             delta_tau=args.delta_tau, seed=args.seed, force=args.force, opset=args.opset,
-            parity_steps=args.parity_steps, step_graph=args.step_graph)
+            parity_steps=args.parity_steps, step_graph=args.step_graph, bundle_format=args.bundle_format)
         export_bundle(options, sign_key=args.sign_key)
     except ParityError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -19,8 +19,32 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:.2f} MB"
 
 
+def summary_v2(manifest, root: Path) -> str:
+    """Format 2: the weight store, then one row per block (every row is a freezing boundary)."""
+    model, weights = manifest.model, manifest.weights
+    identity = model_identity(model.name, model.width, model.num_classes, model.cifar_stem)
+    total = sum(f.bytes for f in manifest.files.values())
+    programs = total - weights.bytes
+    lines = [f"bundle {root}: {identity}, format 2, {len(manifest.blocks)} blocks (freezing at any "
+             f"boundary), {len(manifest.files)} files, {_mb(total)}, exported in {manifest.export_s:.1f} s",
+             f"weights: {weights.file} {_mb(weights.bytes)} (dense {_mb(weights.dense_bytes)}; "
+             f"{len(weights.masked)} masked layers as values + 1-bit masks); programs {_mb(programs)}, "
+             f"no weights in them",
+             f"{'block':>5} {'name':<12} {'input':>14} {'programs':>10} {'fwd GF':>8} {'train GF':>9}  parity"]
+    for block in manifest.blocks:
+        size = sum(manifest.files[p].bytes for p in (block.infer, block.train, block.backward, block.backward_first))
+        flops = block.flops_per_sample
+        lines.append(f"{block.index:>5} {block.name:<12} {'x'.join(str(d) for d in block.input.shape[1:]):>14} "
+                     f"{_mb(size):>10} {flops.prefix_forward / 1e9:>8.4f} "
+                     f"{(flops.suffix_forward + flops.suffix_backward) / 1e9:>9.4f}  "
+                     f"infer {block.parity['infer_rel']:.1e} grads {block.parity['grads_rel']:.1e}")
+    return "\n".join(lines)
+
+
 def summary(manifest: Manifest, root: Path) -> str:
     """The table printed after an export and by ``--inspect``."""
+    if getattr(manifest, "format_version", 1) == 2:
+        return summary_v2(manifest, root)
     model = manifest.model
     identity = model_identity(model.name, model.width, model.num_classes, model.cifar_stem)
     lines = [f"bundle {root}: {identity}, {len(manifest.stages)} stage(s), {len(manifest.files)} files, "

@@ -154,30 +154,63 @@ def _spfde(source: Source) -> Spfde:
         momentum=config.momentum, weight_decay=config.weight_decay)
 
 
-def build_manifest(source: Source, options: ExportOptions, stages: list[StageEntry],
-                   files: dict[str, FileEntry], batch_size: int, export_s: float) -> Manifest:
-    model, config = source.model, source.config
-    size = source.input_size
-    return Manifest(
+def model_info(source: Source, batch_size: int) -> ModelInfo:
+    model, config, size = source.model, source.config, source.input_size
+    return ModelInfo(
+        name=config.model, width=config.width, cifar_stem=config.cifar_stem,
+        num_classes=len(source.classes), classes=tuple(source.classes),
+        input=_float32(prefix_io.INPUT_NAME, [batch_size, 3, size, size]),
+        normalization=Normalization(mean=tuple(source.mean), std=tuple(source.std)),
+        blocks=tuple(Block(index=i, name=n, parameters=sum(p.numel() for p in model.blocks[i].parameters()))
+                     for i, n in enumerate(model.block_names)))
+
+
+def _description(source: Source, options: ExportOptions, device_training: dict, tolerances: dict,
+                 files: dict[str, FileEntry], batch_size: int, export_s: float) -> dict:
+    """The fields every bundle format shares (``device_runner.manifest.BundleDescription``)."""
+    return dict(
         created_utc=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         export_s=round(export_s, 3),
-        model=ModelInfo(
-            name=config.model, width=config.width, cifar_stem=config.cifar_stem,
-            num_classes=len(source.classes), classes=tuple(source.classes),
-            input=_float32(prefix_io.INPUT_NAME, [batch_size, 3, size, size]),
-            normalization=Normalization(mean=tuple(source.mean), std=tuple(source.std)),
-            blocks=tuple(Block(index=i, name=n, parameters=sum(p.numel() for p in model.blocks[i].parameters()))
-                         for i, n in enumerate(model.block_names))),
+        model=model_info(source, batch_size),
         source=SourceInfo(checkpoint=source.checkpoint, epochs_done=source.epoch,
                           num_frozen=source.num_frozen),
         batch_size=batch_size,
         sparsity=_sparsity(source),
         spfde=_spfde(source),
-        device_training=dict(DEVICE_TRAINING),
-        stages=tuple(stages),
-        tolerances=dict(TOLERANCES),
+        device_training=dict(device_training),
+        tolerances=dict(tolerances),
         files=files,
         versions=versions(),
         export_options=dataclasses.asdict(options),
-        train_config=config.to_dict(),
+        train_config=source.config.to_dict(),
     )
+
+
+def build_manifest(source: Source, options: ExportOptions, stages: list[StageEntry],
+                   files: dict[str, FileEntry], batch_size: int, export_s: float) -> Manifest:
+    return Manifest(stages=tuple(stages),
+                    **_description(source, options, DEVICE_TRAINING, TOLERANCES, files, batch_size, export_s))
+
+
+# -- format 2 ------------------------------------------------------------------------------
+
+DEVICE_TRAINING_V2 = {
+    "loss": "cross entropy, mean over the batch, in numpy on the last block's logits "
+            "(device_runner/method/loss.py)",
+    "masks": "not in any graph: masked weights are stored as exact zeros and the device "
+             "multiplies each gradient by its mask before the SGD step (device_runner/method/sgd.py)",
+    "batchnorm": "train.onnx returns each running statistic already updated "
+                 "('<name>.new', PyTorch's momentum rule); infer.onnx uses the running statistics",
+    "optimizer": "SGD with momentum and weight decay in numpy, per-block learning rates",
+}
+
+
+def build_manifest_v2(source: Source, options: ExportOptions, weights, blocks, ort_training,
+                      parity: dict[str, float], tolerances: dict[str, float],
+                      files: dict[str, FileEntry], batch_size: int, export_s: float):
+    from device_runner.manifest import ManifestV2
+
+    return ManifestV2(weights=weights, blocks=tuple(blocks), ort_training=tuple(ort_training),
+                      parity=dict(parity),
+                      **_description(source, options, DEVICE_TRAINING_V2, tolerances, files, batch_size,
+                                     export_s))

@@ -58,6 +58,7 @@ class ExportOptions:
     step_graph: bool = True           # also write step.onnx (standard-ONNX step; aarch64 backend)
     parity_steps: int = 10
     parity_lr: float = 0.01
+    bundle_format: int = 1            # 2: one weight store + per-block programs (block_bundle.py)
 
     def validate(self) -> "ExportOptions":
         """Refuse values that cannot work (BundleError naming the option); ``None`` means the
@@ -79,6 +80,10 @@ class ExportOptions:
                                      f"parity before writing a bundle), got {self.parity_steps}"),
             (self.parity_batch_size >= 1, f"parity_batch_size must be at least 1, got {self.parity_batch_size}"),
             (self.parity_lr > 0, f"parity_lr must be positive, got {self.parity_lr}"),
+            (self.bundle_format in (1, 2), f"--bundle-format must be 1 or 2, got {self.bundle_format}"),
+            (self.bundle_format == 1 or self.stages is None,
+             "--stages chooses format 1's stages; a format-2 bundle holds every block boundary "
+             "(drop --stages)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -96,28 +101,33 @@ def export_bundle(options: ExportOptions, log: Callable[[str], None] = print,
     if sign_key is not None:
         signing.load_private_key(Path(sign_key))  # a bad key fails now, not after the export
     source = load_source(options)
-    stages = resolve_stages(options.stages, source)
+    stages = resolve_stages(options.stages, source) if options.bundle_format == 1 else None
     out = Path(options.out or Path("export") / source.config.model)
     _check_out(out, source, options.force)
     batch_size = source.config.batch_size if options.batch_size is None else options.batch_size
     size = source.input_size if options.input_size is None else options.input_size
     source.input_size = size
     example = torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(options.seed))
+    what = (f"stages {stages[0]}-{stages[-1]}" if stages is not None
+            else f"format 2, {len(source.model.blocks)} blocks")
     log(f"exporting {source.config.model} ({'checkpoint ' + source.checkpoint if source.checkpoint else 'fresh'}), "
-        f"stages {stages[0]}-{stages[-1]}, batch {batch_size}, input {size}x{size} -> {out}")
+        f"{what}, batch {batch_size}, input {size}x{size} -> {out}")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        results = [_export_stage(source, options, k, tmp, example, batch_size, log) for k in stages]
-        relative = [str(p.relative_to(tmp)) for p in sorted(tmp.rglob("*")) if p.is_file()]
-        files = manifest_io.file_table(tmp, relative)
-        profile = cost.profile_model(source.model, (3, size, size))
-        densities = {n: float(m.float().mean()) for n, m in source.masks.items()}
-        entries = [manifest_io.stage_entry(source, result, files, profile, densities, batch_size)
-                   for result in results]
-        manifest = manifest_io.build_manifest(source, options, entries, files, batch_size,
-                                              time.perf_counter() - started)
+        if options.bundle_format == 2:
+            manifest = _export_format_2(source, options, tmp, example, batch_size, log, started)
+        else:
+            results = [_export_stage(source, options, k, tmp, example, batch_size, log) for k in stages]
+            relative = [str(p.relative_to(tmp)) for p in sorted(tmp.rglob("*")) if p.is_file()]
+            files = manifest_io.file_table(tmp, relative)
+            profile = cost.profile_model(source.model, (3, size, size))
+            densities = {n: float(m.float().mean()) for n, m in source.masks.items()}
+            entries = [manifest_io.stage_entry(source, result, files, profile, densities, batch_size)
+                       for result in results]
+            manifest = manifest_io.build_manifest(source, options, entries, files, batch_size,
+                                                  time.perf_counter() - started)
         write_manifest(tmp, manifest)
         if sign_key is not None:
             # Signed last and inside the temporary folder: the signature covers the final manifest,
@@ -129,6 +139,22 @@ def export_bundle(options: ExportOptions, log: Callable[[str], None] = print,
         raise
     log(summary(manifest, out))
     return out
+
+
+def _export_format_2(source: Source, options: ExportOptions, tmp: Path, example: torch.Tensor,
+                     batch_size: int, log: Callable[[str], None], started: float):
+    """The weight store and every block's programs, checked, then the format-2 manifest."""
+    from .block_bundle import TOLERANCES_V2, export_block_bundle
+
+    parity_example = example[: min(batch_size, options.parity_batch_size)]
+    weights, blocks, ort_training, parity, lowered = export_block_bundle(source, options, tmp, parity_example,
+                                                                         batch_size, log)
+    log(f"  {lowered} lowered programs for {len(blocks)} blocks; parity ok "
+        f"(chain logits {parity['chain_logits_max_abs']:.1e}, grads {parity['grads_rel']:.1e})")
+    relative = [str(p.relative_to(tmp)) for p in sorted(tmp.rglob("*")) if p.is_file()]
+    files = manifest_io.file_table(tmp, relative)
+    return manifest_io.build_manifest_v2(source, options, weights, blocks, ort_training, parity, TOLERANCES_V2,
+                                         files, batch_size, time.perf_counter() - started)
 
 
 def _export_stage(source: Source, options: ExportOptions, k: int, tmp: Path, example: torch.Tensor,
