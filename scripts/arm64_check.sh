@@ -10,8 +10,8 @@
 #              ARM64_WORK (bundle, data and runs, default /var/tmp/spfde-arm64-work),
 #              PYTHON (host Python with spfde_edge installed, default python3),
 #              EPOCHS (device epochs of the compared runs, default 2),
-#              BUNDLE_FORMAT (2: one weight store + per-block programs, the block chain; 1: per-stage
-#              step.onnx; default 2).
+#              BUNDLE_FORMAT (1: per-stage step.onnx, default; 2: one weight store + per-block
+#              programs, the block chain; see issue 12's notes for where format 2 still differs).
 #
 # Phases: 1 emulator + binfmt, 2 rootfs (debootstrap, 3-13 min; reused), 3 aarch64 wheels
 # downloaded on the host (pip inside the chroot cannot verify this network's TLS), 4 offline
@@ -26,7 +26,7 @@ WHEELS="${ARM64_WHEELS:-/var/tmp/spfde-arm64-wheels}"
 WORK="${ARM64_WORK:-/var/tmp/spfde-arm64-work}"
 PYTHON="${PYTHON:-python3}"
 EPOCHS="${EPOCHS:-2}"
-BUNDLE_FORMAT="${BUNDLE_FORMAT:-2}"
+BUNDLE_FORMAT="${BUNDLE_FORMAT:-1}"
 SUITE=bookworm
 DEVICE_DIR=/opt/spfde           # where the repo's device side lives inside the rootfs
 VENV=$DEVICE_DIR/venv
@@ -218,10 +218,14 @@ rm -rf "$ROOT$DEV_WORK" && mkdir -p "$ROOT$DEV_WORK"
 cp -r "$BUNDLE" "$WORK/images" "$WORK/raspberry-pi-5-onnxruntime.yaml" "$ROOT$DEV_WORK/"
 # Same seed, data, batch, LR, Δτ and stage schedule on both; one thread so reductions run in one order.
 # Format 1 moves to its one later stage at epoch 1; format 2 follows the bundle's freezing plan.
+# The feature cache keeps float32: rounding to float16 turns the two machines' last-bit
+# differences in a frozen block's output into whole float16 steps now and then (measured:
+# 6e-6 on the loss one step after the first cached stage), and prune-and-grow then picks
+# other positions; the check compares arithmetic, not that amplification.
 FREEZE_AT=(); [[ $BUNDLE_FORMAT == 1 ]] && FREEZE_AT=(--freeze-at 1)
 run_args() {  # run_args WORKDIR PROFILE OUT
     echo --bundle "$1/bundle" --profile "$2" --data "imagefolder:$1/images" --epochs "$EPOCHS" \
-        "${FREEZE_AT[@]}" --batch-size 8 --delta-tau 1 --lr 0.05 --seed 0 --threads 1 --out "$3"
+        "${FREEZE_AT[@]}" --batch-size 8 --delta-tau 1 --lr 0.05 --seed 0 --threads 1 --cache-dtype float32 --out "$3"
 }
 done_phase
 
