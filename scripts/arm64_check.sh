@@ -11,7 +11,8 @@
 #              PYTHON (host Python with spfde_edge installed, default python3),
 #              EPOCHS (device epochs of the compared runs, default 2),
 #              BUNDLE_FORMAT (1: per-stage step.onnx, default; 2: one weight store + per-block
-#              programs, the block chain; see issue 12's notes for where format 2 still differs).
+#              programs, the block chain; see issue 12's notes for where format 2 still differs),
+#              LR (device learning rate of the compared runs, default 0.05; 0.005 for format 2).
 #
 # Phases: 1 emulator + binfmt, 2 rootfs (debootstrap, 3-13 min; reused), 3 aarch64 wheels
 # downloaded on the host (pip inside the chroot cannot verify this network's TLS), 4 offline
@@ -27,6 +28,13 @@ WORK="${ARM64_WORK:-/var/tmp/spfde-arm64-work}"
 PYTHON="${PYTHON:-python3}"
 EPOCHS="${EPOCHS:-2}"
 BUNDLE_FORMAT="${BUNDLE_FORMAT:-1}"
+# Format 2 trains all 17 blocks of the 0.25-wide resnet32 first, then 9: at LR 0.05 some
+# 4-channel BatchNorms of this tiny 90 %-sparse net see almost no variance after a few steps and
+# amplify last-bit differences (measured: step 9's BatchNorm gradients 2 % apart while its loss
+# agrees to 1.6e-8, then the losses separate, 9e-5 at step 10). At 0.005 the same run agrees to
+# 7e-8 per step and 4e-6 on every array, which is what this check is for: the arithmetic.
+[[ $BUNDLE_FORMAT == 2 ]] && LR="${LR:-0.005}"
+LR="${LR:-0.05}"
 SUITE=bookworm
 DEVICE_DIR=/opt/spfde           # where the repo's device side lives inside the rootfs
 VENV=$DEVICE_DIR/venv
@@ -225,7 +233,7 @@ cp -r "$BUNDLE" "$WORK/images" "$WORK/raspberry-pi-5-onnxruntime.yaml" "$ROOT$DE
 FREEZE_AT=(); [[ $BUNDLE_FORMAT == 1 ]] && FREEZE_AT=(--freeze-at 1)
 run_args() {  # run_args WORKDIR PROFILE OUT
     echo --bundle "$1/bundle" --profile "$2" --data "imagefolder:$1/images" --epochs "$EPOCHS" \
-        "${FREEZE_AT[@]}" --batch-size 8 --delta-tau 1 --lr 0.05 --seed 0 --threads 1 --cache-dtype float32 --out "$3"
+        "${FREEZE_AT[@]}" --batch-size 8 --delta-tau 1 --lr "$LR" --seed 0 --threads 1 --cache-dtype float32 --out "$3"
 }
 done_phase
 

@@ -108,7 +108,9 @@ class PrefixChain:
     @property
     def name(self) -> str:
         parts = [self.base.name] if self.base is not None else []
-        if self.bridges:
+        if self.bridges and all(hasattr(b, "blocks") for b in self.bridges):
+            parts += [b.name for b in self.bridges]           # format 2: segments of block programs
+        elif self.bridges:
             parts.append(f"{len(self.bridges)} bridge(s) on onnxruntime")
         return " + ".join(parts) or "none (stage 0)"
 
