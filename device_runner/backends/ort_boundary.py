@@ -28,7 +28,7 @@ from ..model_state import ModelState
 from .blocks import block_of
 from .onnx_step import load_state_file
 from .ort_checkpoint import write_checkpoint
-from .ort_training import C, session_options
+from .ort_training import C, moved_running_stat, run_module, session_options
 
 
 class OrtBoundaryTrainer:
@@ -121,16 +121,10 @@ class OrtBoundaryTrainer:
 
     # --- steps -----------------------------------------------------------------------------
     def train_step(self, features: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
-        fetches = C.OrtValueVector()
-        self.module.lazy_reset_grad()
-        self.module.train_step([np.ascontiguousarray(features, dtype=np.float32),
-                                np.ascontiguousarray(labels, dtype=np.int64)], fetches)
-        loss = float(fetches[0].numpy())
-        logits = np.array(fetches[1].numpy(), copy=True)
+        fetches, loss, logits = run_module(self.module, features, labels, train=True)
         for row, mean_at, var_at in self._stat_index:
-            m = float(row.momentum)
             for name, at in ((row.running_mean, mean_at), (row.running_var, var_at)):
-                self.running[name] = ((1.0 - m) * self.running[name] + m * fetches[at].numpy()).astype(np.float32)
+                self.running[name] = moved_running_stat(self.running[name], fetches[at].numpy(), row.momentum)
                 np.copyto(self.state.weights[name], self.running[name])
         return loss, logits
 
@@ -144,10 +138,8 @@ class OrtBoundaryTrainer:
                               lr_of_block.get(block_of(name), 0.0), momentum, weight_decay)
 
     def eval_step(self, features: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
-        fetches = C.OrtValueVector()
-        self.module.eval_step([np.ascontiguousarray(features, dtype=np.float32),
-                               np.ascontiguousarray(labels, dtype=np.int64)], fetches)
-        return float(fetches[0].numpy()), np.array(fetches[1].numpy(), copy=True)
+        _, loss, logits = run_module(self.module, features, labels, train=False)
+        return loss, logits
 
     # --- state -----------------------------------------------------------------------------
     def save(self, path) -> None:

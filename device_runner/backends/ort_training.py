@@ -36,6 +36,24 @@ def session_options(threads: int) -> "C.SessionOptions":
     return configure(C.SessionOptions(), threads)
 
 
+def run_module(module, features: np.ndarray, labels: np.ndarray, train: bool):
+    """One ORT training-module call on a batch: (fetches, loss, a copy of the logits); a train
+    step keeps its gradients in ORT (reset first) and fetches the batch statistics too."""
+    fetches = C.OrtValueVector()
+    inputs = [np.ascontiguousarray(features, dtype=np.float32), np.ascontiguousarray(labels, dtype=np.int64)]
+    if train:
+        module.lazy_reset_grad()
+        module.train_step(inputs, fetches)
+    else:
+        module.eval_step(inputs, fetches)
+    return fetches, float(fetches[0].numpy()), np.array(fetches[1].numpy(), copy=True)
+
+
+def moved_running_stat(running: np.ndarray, batch: np.ndarray, momentum: float) -> np.ndarray:
+    """PyTorch's BatchNorm rule: ``(1 - momentum) * running + momentum * batch`` (unbiased variance)."""
+    return ((1.0 - momentum) * running + momentum * batch).astype(np.float32)
+
+
 class SuffixTrainer:
     """Train/eval steps of one stage's suffix, parameters by name, SGD with momentum in numpy."""
 
@@ -95,17 +113,11 @@ class SuffixTrainer:
     # --- steps -----------------------------------------------------------------------------
     def train_step(self, features: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
         """Forward + backward (gradients stay in ORT); running statistics updated here."""
-        fetches = C.OrtValueVector()
-        self.module.lazy_reset_grad()
-        self.module.train_step([np.ascontiguousarray(features, dtype=np.float32),
-                                np.ascontiguousarray(labels, dtype=np.int64)], fetches)
-        loss = float(fetches[0].numpy())
-        logits = np.array(fetches[1].numpy(), copy=True)
+        fetches, loss, logits = run_module(self.module, features, labels, train=True)
         for row, mean_at, var_at in self._stat_index:
-            m = float(row["momentum"])
             for key, at in (("running_mean", mean_at), ("running_var", var_at)):
-                batch = fetches[at].numpy()
-                self.running[row[key]] = ((1.0 - m) * self.running[row[key]] + m * batch).astype(np.float32)
+                self.running[row[key]] = moved_running_stat(self.running[row[key]], fetches[at].numpy(),
+                                                            float(row["momentum"]))
                 self._view(row[key])[...] = self.running[row[key]]
         return loss, logits
 
@@ -120,10 +132,8 @@ class SuffixTrainer:
                               name, lr_of_block.get(block_of(name), 0.0), momentum, weight_decay)
 
     def eval_step(self, features: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
-        fetches = C.OrtValueVector()
-        self.module.eval_step([np.ascontiguousarray(features, dtype=np.float32),
-                               np.ascontiguousarray(labels, dtype=np.int64)], fetches)
-        return float(fetches[0].numpy()), np.array(fetches[1].numpy(), copy=True)
+        _, loss, logits = run_module(self.module, features, labels, train=False)
+        return loss, logits
 
     def save(self, path: Path) -> None:
         """Every parameter, mask and running statistic as npz: the format both backends read."""

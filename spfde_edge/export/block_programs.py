@@ -39,6 +39,8 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
+from device_runner.errors import BundleError
+
 from .step_graph import STEP_OPSET, _decomposed_already, cached_onnx_registry, decomposition_table
 
 INPUT, OUTPUT, GRAD_OUTPUT, GRAD_INPUT = "x", "y", "grad_y", "grad_x"
@@ -83,8 +85,8 @@ def block_state(model: nn.Module, index: int) -> tuple[list[str], list[str]]:
     running = [prefix + n for n, _ in block.named_buffers() if n.endswith(("running_mean", "running_var"))]
     for name, module in block.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is None:
-            raise NotImplementedError(f"BatchNorm {prefix}{name} uses a cumulative average "
-                                      "(momentum=None); the device needs a momentum")
+            raise BundleError(f"BatchNorm {prefix}{name} uses a cumulative average (momentum=None), "
+                              "which the device cannot continue; give it a momentum (PyTorch's is 0.1)")
     return parameters, running
 
 
@@ -144,8 +146,8 @@ def _batch_dims(node: fx.Node) -> dict[int, str]:
     for axis, size in enumerate(node.meta["val"].shape):
         if isinstance(size, torch.SymInt):
             if len(size.node.expr.free_symbols) != 1 or not size.node.expr.is_Symbol:
-                raise NotImplementedError(f"{node.name}: axis {axis} has size {size}; only the batch "
-                                          "may be dynamic")
+                raise BundleError(f"block input {node.name}: axis {axis} has size {size}; format 2 "
+                                  "keeps only the batch dynamic, so the model's shapes must follow the input size")
             dims[axis] = "batch"
     return dims
 
@@ -258,7 +260,8 @@ def _split_joint(joint, parameters: list[str], running: list[str], local: str) -
             raise RuntimeError(f"backward reads {node.name} without having it")
         if node.target is torch.ops.aten.sym_size.int and node.args[0] not in benv:
             if node.args[1] != 0:
-                raise NotImplementedError("only the batch size may be dynamic")
+                raise BundleError(f"the backward reads size {node.args[1]} of a forward tensor; format 2 "
+                                  "keeps only the batch dynamic (axis 0)")
             benv[node] = bwd.call_function(torch.ops.aten.sym_size.int, (benv[g_node], 0))
             benv[node].meta = dict(node.meta)
             return benv[node]
@@ -318,19 +321,11 @@ def _drop_grad_input(source: Path, target: Path) -> None:
     """``backward.onnx`` without ``grad_x`` and the nodes only it needed (no re-lowering)."""
     import onnx
 
+    from .suffix import keep_only_outputs
+
     model = onnx.load(source)
     graph = model.graph
-    outputs = [o for o in graph.output if o.name != GRAD_INPUT]
-    del graph.output[:]
-    graph.output.extend(outputs)
-    needed = {o.name for o in outputs}
-    kept = []
-    for node in reversed(graph.node):
-        if any(name in needed for name in node.output):
-            kept.append(node)
-            needed.update(name for name in node.input if name)
-    del graph.node[:]
-    graph.node.extend(reversed(kept))
+    needed = keep_only_outputs(graph, [o.name for o in graph.output if o.name != GRAD_INPUT])
     inputs = [i for i in graph.input if i.name in needed]
     del graph.input[:]
     graph.input.extend(inputs)

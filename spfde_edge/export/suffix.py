@@ -198,7 +198,14 @@ def _fix_eval_model(path: Path, keep_outputs: list[str]) -> None:
             for attribute in node.attribute:
                 if attribute.name == "training_mode":
                     attribute.i = 0
-    outputs = [o for o in graph.output if o.name in keep_outputs]
+    keep_only_outputs(graph, keep_outputs)
+    onnx.save(model, path)
+
+
+def keep_only_outputs(graph, keep: list[str]) -> set[str]:
+    """Drop the graph outputs not in ``keep`` and every node only they needed; returns the
+    tensor names the remaining nodes still read."""
+    outputs = [o for o in graph.output if o.name in keep]
     del graph.output[:]
     graph.output.extend(outputs)
     needed = {o.name for o in graph.output}
@@ -209,7 +216,7 @@ def _fix_eval_model(path: Path, keep_outputs: list[str]) -> None:
             needed.update(name for name in node.input if name)
     del graph.node[:]
     graph.node.extend(reversed(kept))
-    onnx.save(model, path)
+    return needed
 
 
 def export_suffix(model: BlockModel, masks: dict[str, torch.Tensor], k: int,
