@@ -62,13 +62,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--input-size", type=int, default=32)
     p.add_argument("--host-epochs", type=int, default=16)
     p.add_argument("--device-epochs", type=int, default=6)
+    p.add_argument("--bundle-format", type=int, choices=(1, 2), default=2,
+                   help="bundle format of both exports (spfde_edge.export --bundle-format; default 2)")
     p.add_argument("--stages", default=None,
-                   help="stages of the host checkpoint's bundle (spfde_edge.export --stages; default: the "
-                        "exporter's, from the checkpoint's frozen point to the plan's last)")
-    p.add_argument("--fresh-stages", default="0", help="stages of the fresh bundle (step 6)")
+                   help="format 1: stages of the host checkpoint's bundle (spfde_edge.export --stages; default: "
+                        "the exporter's, from the checkpoint's frozen point to the plan's last)")
+    p.add_argument("--fresh-stages", default="0", help="format 1: stages of the fresh bundle (step 6)")
     p.add_argument("--step-graph", action="store_true",
-                   help="also export step.onnx (plain-onnxruntime/aarch64 backend; about a minute per stage "
-                        "more); without it the device trains on onnxruntime-training")
+                   help="format 1: also export step.onnx (plain-onnxruntime/aarch64 backend; about a minute "
+                        "per stage more); without it the device trains on onnxruntime-training")
     p.add_argument("--profile", default="generic-x86")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--fresh", action="store_true", help="remove WORK and start over")
@@ -230,10 +232,12 @@ def main(argv=None) -> dict:
                                "--sparsity", "0.9", "--dst", "mest", "--freeze-flops", "0.2", "--sieve", "0.2",
                                "--delta-tau", "2", "--seed", str(args.seed), "--device", "cpu",
                                "--cache-dir", cache, *threads, "--out", str(host_run)))
-    stages = ["--stages", args.stages] if args.stages else []
-    stages += [] if args.step_graph else ["--no-step-graph"]
+    shape = ["--bundle-format", str(args.bundle_format)]
+    if args.bundle_format == 1:
+        shape += [] if args.step_graph else ["--no-step-graph"]
+    stages = ["--stages", args.stages] if args.stages and args.bundle_format == 1 else []
     steps.run("host_export", py("-m", "spfde_edge.export", "--checkpoint", str(host_run), "--out", str(bundle),
-                                *stages))
+                                *shape, *stages))
 
     def evaluate_host(name: str, checkpoint: Path) -> None:
         steps.run(name, py(str(Path(__file__).resolve()), "host-eval", str(checkpoint), "--data",
@@ -266,8 +270,8 @@ def main(argv=None) -> dict:
     # 6. fresh bundle: the device's first epoch against the host trainer's, same images
     fresh_bundle, fresh_run, fresh_host = work / "fresh_bundle", work / "fresh_device_A", work / "fresh_host_A"
     steps.run("fresh_export", py("-m", "spfde_edge.export", "--model", args.model, "--width", str(args.width),
-                                 "--input-size", str(args.input_size), "--stages", args.fresh_stages,
-                                 *([] if args.step_graph else ["--no-step-graph"]),
+                                 "--input-size", str(args.input_size), *shape,
+                                 *(["--stages", args.fresh_stages] if args.bundle_format == 1 else []),
                                  "--out", str(fresh_bundle)))
     steps.run("fresh_device_A", py("-m", "device_runner", "--bundle", str(fresh_bundle), "--profile", args.profile,
                                    "--data", f"imagefolder:{split_dirs['device_A']}",

@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta-tau", type=int, help="Δτ in device epochs (default: the bundle's, scaled)")
     p.add_argument("--freeze-at", type=int_list,
                    help="comma-separated device epochs at which each later stage starts")
+    p.add_argument("--stages", type=int_list,
+                   help="comma-separated block boundaries the run trains at, in order (stage k: blocks "
+                        "before k frozen); a format-2 bundle offers every boundary from the blocks the "
+                        "host froze to the head, format 1 its exported stages (default: the host's "
+                        "freezing plan)")
     p.add_argument("--max-per-class", type=int, help="use at most this many images per class")
     p.add_argument("--memory-budget-mb", type=float, help="override budgets.memory_mb")
     p.add_argument("--energy-budget-j", type=float, help="override budgets.energy_j (also on --resume)")
@@ -201,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             config = RunConfig(bundle=args.bundle, profile=args.profile, data=args.data, out=args.out,
                                epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                                val_fraction=args.val_fraction, sieve=args.sieve, delta_tau=args.delta_tau,
-                               freeze_at=args.freeze_at, max_per_class=args.max_per_class,
+                               freeze_at=args.freeze_at, stages=args.stages, max_per_class=args.max_per_class,
                                memory_budget_mb=args.memory_budget_mb, energy_budget_j=args.energy_budget_j,
                                cache=args.cache, cache_dtype=args.cache_dtype,
                                checkpoint_every=args.checkpoint_every,

@@ -110,7 +110,8 @@ class Runner:
         self.train_idx, self.val_idx = stratified_split(self.data.labels, config.val_fraction, config.seed)
         plan = self.bundle.manifest.spfde
         self.schedule = schedule.device_schedule(
-            stage_ks=schedule.run_stage_ks(self.bundle), num_blocks=self.bundle.num_blocks, epochs=config.epochs,
+            stage_ks=schedule.run_stage_ks(self.bundle, config.stages), num_blocks=self.bundle.num_blocks,
+            epochs=config.epochs,
             epochs_done=plan.epochs_done, plan_epochs=plan.epochs, freeze_epochs=plan.freezing.freeze_epochs,
             delta_tau=plan.delta_tau, base_lr=plan.lr_schedule.base_lr, update_fraction=plan.dst.update_fraction,
             lr=config.lr, device_delta_tau=config.delta_tau, freeze_at=config.freeze_at,

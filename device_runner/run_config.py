@@ -23,6 +23,7 @@ class RunConfig:
     sieve: float | None = None           # removed fraction; default the bundle's, else 0.2
     delta_tau: int | None = None         # device epochs; default scaled from the bundle's
     freeze_at: tuple[int, ...] | None = None
+    stages: tuple[int, ...] | None = None  # block boundaries to train at; default the bundle's plan
     max_per_class: int | None = None
     memory_budget_mb: float | None = None
     energy_budget_j: float | None = None
@@ -94,14 +95,16 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        data["freeze_at"] = list(self.freeze_at) if self.freeze_at is not None else None
+        for name in ("freeze_at", "stages"):
+            data[name] = list(data[name]) if data[name] is not None else None
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunConfig":
         data = dict(data)
-        if data.get("freeze_at") is not None:
-            data["freeze_at"] = tuple(data["freeze_at"])
+        for name in ("freeze_at", "stages"):
+            if data.get(name) is not None:
+                data[name] = tuple(data[name])
         return cls(**data)
 
 

@@ -75,11 +75,30 @@ def planned_stage_ks(num_blocks: int, num_frozen: int, freeze_epochs: Sequence[i
     return list(range(num_frozen, last + 1))
 
 
-def run_stage_ks(bundle) -> list[int]:
-    """The stage boundaries a run of ``bundle`` schedules: format 1 its exported stages,
-    format 2 the host plan's (every boundary is available there)."""
+def available_stage_ks(bundle) -> list[int]:
+    """Every stage a run of ``bundle`` may use: format 1 its exported stages, format 2 every
+    block boundary from the blocks the host froze to the head."""
     if bundle.format_version == 1:
         return [s.k for s in bundle.stages]
+    return list(range(bundle.manifest.source.num_frozen, bundle.num_blocks))
+
+
+def run_stage_ks(bundle, stages: Sequence[int] | None = None) -> list[int]:
+    """The stage boundaries a run of ``bundle`` schedules: ``stages`` (``--stages``) when given,
+    else format 1's exported stages and format 2's host plan (from the blocks frozen now to
+    the last block the plan freezes)."""
+    available = available_stage_ks(bundle)
+    if stages is not None:
+        wanted = [int(k) for k in stages]
+        if not wanted or wanted != sorted(set(wanted)) or not set(wanted) <= set(available):
+            offer = (f"the exported stages {available}" if bundle.format_version == 1 else
+                     f"block boundaries {available[0]}..{available[-1]} (the host froze {available[0]} blocks; "
+                     f"block {available[-1]} is the head)")
+            raise BundleError(f"--stages {','.join(map(str, wanted))}: give increasing boundaries from "
+                              f"{offer}")
+        return wanted
+    if bundle.format_version == 1:
+        return available
     manifest = bundle.manifest
     return planned_stage_ks(bundle.num_blocks, manifest.source.num_frozen, manifest.spfde.freezing.freeze_epochs)
 

@@ -95,6 +95,10 @@ class StagePipeline:
 
     def _build_prefix(self) -> PrefixChain:
         if self.state is not None:
+            if self.profile.prefix_backend == "executorch":
+                raise BundleError("the profile asks for prefix_backend: executorch, but a format-2 bundle has no "
+                                  ".pte (its frozen blocks run as ONNX; docs/bundle.md says why); set "
+                                  "prefix_backend: auto or onnxruntime, or export with --bundle-format 1")
             k0 = self.starts[0][0] if self.starts else 0
             self.prefix_choice = ("onnxruntime block chain (bundle format 2: the frozen blocks' infer programs)"
                                   if k0 or self.position else "none (stage 0 trains every block)")

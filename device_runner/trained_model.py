@@ -34,7 +34,8 @@ def run_starts(config: RunConfig, bundle) -> list[tuple[int, int]]:
     """The run's stages as ``(k, first epoch)``: the same schedule call the runner makes."""
     plan = bundle.manifest.spfde
     return schedule.device_schedule(
-        stage_ks=schedule.run_stage_ks(bundle), num_blocks=bundle.num_blocks, epochs=config.epochs,
+        stage_ks=schedule.run_stage_ks(bundle, config.stages), num_blocks=bundle.num_blocks,
+        epochs=config.epochs,
         epochs_done=plan.epochs_done, plan_epochs=plan.epochs, freeze_epochs=plan.freezing.freeze_epochs,
         delta_tau=plan.delta_tau, base_lr=plan.lr_schedule.base_lr, update_fraction=plan.dst.update_fraction,
         lr=config.lr, device_delta_tau=config.delta_tau, freeze_at=config.freeze_at).starts

@@ -10,9 +10,10 @@
 #              ARM64_WORK (bundle, data and runs, default /var/tmp/spfde-arm64-work),
 #              PYTHON (host Python with spfde_edge installed, default python3),
 #              EPOCHS (device epochs of the compared runs, default 2),
-#              BUNDLE_FORMAT (1: per-stage step.onnx, default; 2: one weight store + per-block
-#              programs, the block chain; see issue 12's notes for where format 2 still differs),
-#              LR (device learning rate of the compared runs, default 0.05; 0.005 for format 2).
+#              BUNDLE_FORMAT (2: one weight store + per-block programs, the block chain, default,
+#              as the exporter's; 1: per-stage step.onnx),
+#              LR (device learning rate of the compared runs, default 0.005 for format 2, 0.05
+#              for format 1; docs/device.md says why).
 #
 # Phases: 1 emulator + binfmt, 2 rootfs (debootstrap, 3-13 min; reused), 3 aarch64 wheels
 # downloaded on the host (pip inside the chroot cannot verify this network's TLS), 4 offline
@@ -27,7 +28,7 @@ WHEELS="${ARM64_WHEELS:-/var/tmp/spfde-arm64-wheels}"
 WORK="${ARM64_WORK:-/var/tmp/spfde-arm64-work}"
 PYTHON="${PYTHON:-python3}"
 EPOCHS="${EPOCHS:-2}"
-BUNDLE_FORMAT="${BUNDLE_FORMAT:-1}"
+BUNDLE_FORMAT="${BUNDLE_FORMAT:-2}"
 # Format 2 trains all 17 blocks of the 0.25-wide resnet32 first, then 9: at LR 0.05 some
 # 4-channel BatchNorms of this tiny 90 %-sparse net see almost no variance after a few steps and
 # amplify last-bit differences (measured: step 9's BatchNorm gradients 2 % apart while its loss

@@ -3,11 +3,14 @@
 A device run (``python -m device_runner ... --out RUN``) holds its model in three places, which
 :class:`device_runner.trained_model.TrainedModel` already puts together for inference:
 
-* blocks before the run's first stage ``k0``: never trained on the device; the bundle has them
-  only as that stage's ``prefix.onnx``, where the exporter folded each BatchNorm into the
-  convolution before it and multiplied the masks in;
+* blocks before the run's first stage ``k0``: never trained on the device; a format-1 bundle
+  has them only as that stage's ``prefix.onnx``, where the exporter folded each BatchNorm
+  into the convolution before it and multiplied the masks in;
 * blocks ``[k0, k)`` frozen on the device: the checkpoint's ``frozen/`` arrays;
 * blocks from ``k`` (the run's current stage): the checkpoint's ``suffix_state.npz``.
+
+A format-2 run holds all of them in one model state (the bundle's weight store with the
+checkpoint's arrays written into it), masks included, so nothing is rebuilt from a graph.
 
 :func:`read_device_run` turns them into a host :class:`DeviceModel` (a ``BlockModel`` with
 masks) and checks that its logits equal the device's; :func:`write_host_checkpoint` writes it
@@ -68,7 +71,7 @@ class DeviceModel:
     @property
     def first_stage(self) -> int:
         """k0: blocks before it come from the bundle, identical for every run of it."""
-        return self.bundle.stages[0].k
+        return device_schedule.run_stage_ks(self.bundle)[0]
 
 
 # --- reading a run ---------------------------------------------------------------------------
@@ -88,7 +91,11 @@ def read_device_run(run: str | Path, threads: int | None = None, check_logits: b
                          cifar_stem=info.cifar_stem).eval()
     state = model.state_dict()
     k0, k = trained.starts[0][0], trained.stage_k
-    device_arrays = {**trained.frozen_params, **trained.suffix_parameters()}
+    if bundle.format_version == 2:   # the run's model state holds every block, as the store did
+        model_state = trained.pipeline.state
+        device_arrays = {**model_state.weights, **{n + MASK_SUFFIX: m for n, m in model_state.masks.items()}}
+    else:
+        device_arrays = {**trained.frozen_params, **trained.suffix_parameters()}
     masks: dict[str, torch.Tensor] = {}
     for name, value in device_arrays.items():
         if name.endswith(MASK_SUFFIX):
@@ -98,7 +105,7 @@ def read_device_run(run: str | Path, threads: int | None = None, check_logits: b
         else:
             raise DeviceImportError(f"run {run} holds {name}, which {info.name} lacks; the run is not of "
                                     "this bundle's model")
-    if k0 > 0:
+    if k0 > 0 and bundle.format_version == 1:
         state.update(prefix_state_from_onnx(bundle.stage(k0).prefix_onnx, model, k0))
     missing = [n for n in state if model.block_of_parameter(n) >= k0 and not n.endswith("num_batches_tracked")
                and n not in device_arrays]

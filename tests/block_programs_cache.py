@@ -14,7 +14,8 @@ import shutil
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-EXPORTER_SOURCES = ("spfde_edge/export/block_programs.py", "spfde_edge/export/step_graph.py")
+EXPORTER_SOURCES = ("spfde_edge/export/block_programs.py", "spfde_edge/export/step_graph.py",
+                    "spfde_edge/export/graph_rewrites.py")
 
 
 def cache_key(model_name: str, width: float, size: int) -> str:

@@ -1,7 +1,7 @@
 """Fixtures shared by test modules.
 
-``bundle_dir``: one session-scoped bundle (resnet32 at width 0.25, 16x16 input, stages 14-16)
-exported with the exporter's Python API. Its ExecuTorch lowering is replaced by a stub file:
+``bundle_dir``: one session-scoped format-1 bundle (resnet32 at width 0.25, 16x16 input, stages
+14-16) exported with the exporter's Python API; ``bundle_v2_dir`` the same model in format 2. Its ExecuTorch lowering is replaced by a stub file:
 it takes 40-90 s per stage on two cores and the runner uses ONNX Runtime for the prefix in
 tests anyway. Everything else, the manifest and its sha256 table, is the exporter's real output.
 Used by test_device_runner.py, test_trust.py and test_robustness.py.
@@ -27,7 +27,7 @@ def bundle_dir(tmp_path_factory) -> Path:
                       lambda path, x: prefix_io.run_onnx(path.with_name(prefix_io.ONNX_FILE), x.numpy()))
         export_bundle(ExportOptions(model="resnet32", width=0.25, input_size=16, stages="14-16",
                                     batch_size=16, epochs=30, delta_tau=2, out=str(out), parity_steps=2,
-                                    distribution="erk"),  # its 30 % freezing target fits 30 epochs
+                                    distribution="erk", bundle_format=1),  # its 30 % freezing target fits 30 epochs
                       log=lambda line: None)
     return out
 

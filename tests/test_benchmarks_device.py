@@ -1,4 +1,4 @@
-"""benchmarks/device_step.py and benchmarks/roofline.py: --quick runs write sane JSON."""
+"""benchmarks/device_step.py, roofline.py and isolated_step.py: --quick runs write sane JSON."""
 import importlib.util
 import json
 import sys
@@ -26,6 +26,19 @@ def runs(tmp_path_factory):
     step = load("device_step").main(["--quick", "--out", str(root / "step"), "--bundle-dir", bundles])
     roof = load("roofline").main(["--quick", "--out", str(root / "roof"), "--bundle-dir", bundles])
     return root, step, roof
+
+
+def test_isolated_step_quick(runs):
+    """Each backend in its own process on device_step's cached bundles: times, ratios, and the
+    formats' first-step losses agree (same model, weights and masks)."""
+    root = runs[0]
+    result = load("isolated_step").main(["--quick", "--out", str(root / "iso"), "--bundle-dir", str(root / "bundles")])
+    assert json.loads((root / "iso" / "results.json").read_text())["rows"] == result["rows"]
+    (row,) = result["rows"]
+    for name in ("step", "chain", "ort", "ort2"):
+        assert len(row[f"{name}_ms_all"]) == 2 and row[f"{name}_ms"] > 0 and row[f"{name}_peak_mb"] > 50
+    assert 0.2 < row["chain_vs_step"] < 5 and 0.2 < row["ort2_vs_ort"] < 5
+    assert row["chain_vs_step_loss_rel"] < 1e-5 and row["ort2_vs_ort_loss_rel"] < 1e-5
 
 
 @pytest.mark.parametrize("n, middle, last_third", [(10, 5, 7), (17, 8, 11), (3, 1, 2)])

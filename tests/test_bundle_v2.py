@@ -122,8 +122,11 @@ def test_format_2_options_are_checked():
 
     with pytest.raises(BundleError, match="--bundle-format must be 1 or 2"):
         ExportOptions(model="resnet32", bundle_format=3).validate()
-    with pytest.raises(BundleError, match="every block boundary"):
-        ExportOptions(model="resnet32", bundle_format=2, stages="3-5").validate()
+    with pytest.raises(BundleError, match="add --bundle-format 1"):
+        ExportOptions(model="resnet32", stages="3-5").validate()     # format 2 is the default
+    with pytest.raises(BundleError, match="drop --no-step-graph"):
+        ExportOptions(model="resnet32", step_graph=False).validate()
+    assert ExportOptions(model="resnet32", stages="3-5", bundle_format=1, step_graph=False).validate()
 
 
 def test_inspect_shows_the_store_and_every_block(bundle_v2_dir):

@@ -1,7 +1,10 @@
 """Bring a device run home (spfde_edge.import), merge a fleet (spfde_edge.merge), export the
 trained model (export --from-device --format pte).
 
-Device runs use the session bundle (conftest.py: resnet32 x0.25, 16x16, stages 14-16): 2 epochs
+Device runs use resnet32 x0.25 at 16x16 with blocks 0..13 frozen by the host, in both bundle
+formats: format 1 is the session bundle (conftest.py, a fresh model exported with stages
+14-16), format 2 (the default) is exported from a host checkpoint that froze 14 blocks, so
+its run stages are 14 and 15 and blocks 0..13 come from the weight store. 2 device epochs
 with a stage change (14 -> 15 at epoch 1) on a few images per class, a few seconds each.
 """
 from __future__ import annotations
@@ -29,20 +32,69 @@ from spfde_edge.fleet import merge_layer, merge_runs
 DEVICE_ARGS = ["--profile", "generic-x86", "--epochs", "2", "--threads", "1"]
 
 
-def device_run(bundle: Path, data: str, out: Path, *extra: str, freeze_at: str = "1,2") -> Path:
-    """2 device epochs; by default stage 14 -> 15 at epoch 1 (stage 16 would start at the end)."""
-    assert device_main(["--bundle", str(bundle), "--data", data, "--out", str(out), "--freeze-at", freeze_at,
+def device_run(bundle: Path, data: str, out: Path, *extra: str, freeze_at: str | None = None) -> Path:
+    """2 device epochs; by default stage 14 -> 15 at epoch 1 (format 1's stage 16 would start
+    at the end)."""
+    if _format(bundle) == 1:
+        stages = ["--freeze-at", freeze_at or "1,2"]
+    else:   # the host plan freezes no more blocks: the device chooses boundary 15 itself
+        stages = ["--stages", "14,15", "--freeze-at", freeze_at or "1"]
+    assert device_main(["--bundle", str(bundle), "--data", data, "--out", str(out), *stages,
                         *DEVICE_ARGS, *extra]) == 0
     return out
 
 
-@pytest.fixture(scope="module")
-def run_dir(bundle_dir, tmp_path_factory) -> Path:
-    return device_run(bundle_dir, "digits", tmp_path_factory.mktemp("dev") / "run", "--max-per-class", "20")
+def _format(bundle: Path) -> int:
+    return json.loads((bundle / MANIFEST_NAME).read_text())["format_version"]
 
 
 @pytest.fixture(scope="module")
-def fleet(bundle_dir, tmp_path_factory) -> list[Path]:
+def bundle_v2_frozen14(tmp_path_factory) -> Path:
+    """Format 2 exported from a host checkpoint (trainer layout) at epoch 26 of 30 with blocks
+    0..13 frozen, all the plan freezes (runs freeze block 14 with ``--stages 14,15``)."""
+    from spfde_edge.checkpoint import save_checkpoint
+    from spfde_edge.config import TrainConfig
+    from spfde_edge.export import ExportOptions, export_bundle
+    from spfde_edge.models import create_model
+    from spfde_edge.sparsity.masks import MaskSet
+
+    config = TrainConfig(model="resnet32", width=0.25, input_size=16, batch_size=16, epochs=30, delta_tau=2,
+                         sparsity=0.9, distribution="uniform", dataset="digits")
+    torch.manual_seed(5)
+    model = create_model("resnet32", num_classes=10, width=0.25)
+    masks = MaskSet.random(model, 0.9, "uniform", torch.Generator().manual_seed(6))
+    masks.apply(model)
+    model.freeze_prefix(14)
+    root = tmp_path_factory.mktemp("host")
+    save_checkpoint(root / "checkpoint.pt", {
+        "config": config.to_dict(), "model": model.state_dict(), "masks": masks.state_dict(),
+        "num_frozen": 14, "epoch": 26,
+        "freeze_plan": {"version": 1, "freeze_epochs": list(range(10, 24)), "T_frz": 10,
+                        "reduction": 0.3},
+        "block_names": model.block_names, "classes": [str(i) for i in range(10)],
+        "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "input_size": 16})
+    out = root / "bundle"
+    export_bundle(ExportOptions(checkpoint=str(root / "checkpoint.pt"), out=str(out), bundle_format=2),
+                  log=lambda line: None)
+    return out
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["format1", "format2"])
+def run_dir(request, tmp_path_factory) -> Path:
+    if request.param == 2:
+        return request.getfixturevalue("run_v2")
+    return device_run(request.getfixturevalue("bundle_dir"), "digits", tmp_path_factory.mktemp("dev") / "run",
+                      "--max-per-class", "20")
+
+
+@pytest.fixture(scope="module")
+def run_v2(bundle_v2_frozen14, tmp_path_factory) -> Path:
+    return device_run(bundle_v2_frozen14, "digits", tmp_path_factory.mktemp("dev2") / "run",
+                      "--max-per-class", "20")
+
+
+@pytest.fixture(scope="module")
+def fleet(bundle_v2_frozen14, tmp_path_factory) -> list[Path]:
     """Three simulated devices on disjoint, class-balanced digits (6, 9 and 12 images per class,
     so the runs train on different numbers of samples); the first stays at stage 14, the
     others move to stage 15."""
@@ -57,9 +109,9 @@ def fleet(bundle_dir, tmp_path_factory) -> list[Path]:
                 gray = (pixels[i].astype(np.float32) * 255 / 16).astype(np.uint8)
                 Image.fromarray(np.stack([gray] * 3, -1)).save(folder / f"{i}.png")
         start += count
-        runs.append(device_run(bundle_dir, f"imagefolder:{root / f'data{device}'}", root / f"run{device}",
+        runs.append(device_run(bundle_v2_frozen14, f"imagefolder:{root / f'data{device}'}", root / f"run{device}",
                                "--seed", str(device), "--val-fraction", "0.2",
-                               freeze_at="2,2" if device == 0 else "1,2"))
+                               freeze_at="2" if device == 0 else "1"))
     return runs
 
 
@@ -129,7 +181,7 @@ def test_import_errors_are_one_line(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error:") and "checkpoint" in err[0]
 
 
-def test_merge_of_three_devices(fleet, bundle_dir, tmp_path, monkeypatch):
+def test_merge_of_three_devices(fleet, tmp_path):
     members = [read_device_run(run) for run in fleet]
     samples = np.array([m.samples for m in members], dtype=np.float64)
     assert len(set(samples)) == 3  # different amounts of data: a real weighting
@@ -163,46 +215,52 @@ def test_merge_of_three_devices(fleet, bundle_dir, tmp_path, monkeypatch):
     record = json.loads((out / "import.json").read_text())
     assert record["samples"] == int(samples.sum()) and len(record["runs"]) == 3
 
-    # ... and it exports as the next round's bundle (ExecuTorch stubbed as in conftest.py).
-    import spfde_edge.export.prefix as prefix_io
+    # ... and it exports as the next round's bundle: stages from the merged model's 14 frozen
+    # blocks, blocks 0..13 as they were in every run.
+    from device_runner.bundle import load_bundle
+    from device_runner.model_state import ModelState
+    from device_runner.schedule import run_stage_ks
     from spfde_edge.export import ExportOptions, export_bundle
-    monkeypatch.setattr(prefix_io, "export_prefix_pte", lambda prefix, example, path: path.write_bytes(b"stub"))
-    monkeypatch.setattr(prefix_io, "run_pte",
-                        lambda path, x: prefix_io.run_onnx(path.with_name(prefix_io.ONNX_FILE), x.numpy()))
-    bundle = export_bundle(ExportOptions(checkpoint=str(out), out=str(tmp_path / "round2"), parity_steps=1,
-                                         step_graph=False), log=lambda line: None)
+    bundle = export_bundle(ExportOptions(checkpoint=str(out), out=str(tmp_path / "round2")), log=lambda line: None)
     manifest = json.loads((bundle / MANIFEST_NAME).read_text())
-    assert [s["stage"] for s in manifest["stages"]] == [14]
-    assert manifest["source"]["checkpoint"] == str(out)
+    assert manifest["format_version"] == 2 and manifest["source"]["checkpoint"] == str(out)
+    assert run_stage_ks(load_bundle(bundle))[0] == 14
+    stored = ModelState.load(bundle / "weights.safetensors").weights
+    for name, value in state.items():
+        if name in stored:
+            np.testing.assert_array_equal(stored[name].reshape(value.shape), value.numpy(), err_msg=name)
 
 
-def test_merge_refuses_runs_of_different_bundles(bundle_dir, run_dir, tmp_path, capsys):
-    """A copy of the bundle with one file changed (and its manifest entry updated) is another bundle."""
+def test_merge_refuses_runs_of_different_bundles(bundle_v2_frozen14, run_v2, tmp_path, capsys):
+    """A copy of the bundle with one file changed (and its manifest entry updated) is another
+    bundle, even when the changed file is one the runs never load (boundary 16's artifacts)."""
     other = tmp_path / "other"
-    shutil.copytree(bundle_dir, other)
-    changed = other / "stage_16" / "prefix.pte"
+    shutil.copytree(bundle_v2_frozen14, other)
+    rel = "ort/k16/optimizer_model.onnx"
+    changed = other / rel
     changed.write_bytes(changed.read_bytes() + b"-changed")
     manifest = json.loads((other / MANIFEST_NAME).read_text())
-    manifest["files"]["stage_16/prefix.pte"] = {"sha256": sha256_file(changed), "bytes": changed.stat().st_size}
+    manifest["files"][rel] = {"sha256": sha256_file(changed), "bytes": changed.stat().st_size}
     (other / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
-    other_run = device_run(other, "digits", tmp_path / "other-run", "--max-per-class", "8")
+    other_run = device_run(other, "digits", tmp_path / "other-run", "--max-per-class", "8",
+                           "--suffix-backend", "onnxruntime")
     from spfde_edge.merge import main as merge_main
-    assert merge_main([str(run_dir), str(other_run), "--out", str(tmp_path / "merged")]) == 2
+    assert merge_main([str(run_v2), str(other_run), "--out", str(tmp_path / "merged")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "merge runs of one bundle" in err[0]
     assert not (tmp_path / "merged" / "checkpoint.pt").exists()
 
 
 @pytest.mark.slow
-def test_from_device_pte(run_dir, tmp_path):
+def test_from_device_pte(run_v2, tmp_path):
     """The whole trained model as one XNNPACK .pte (real ExecuTorch lowering, about a minute)."""
     pytest.importorskip("executorch")
     from spfde_edge.export.__main__ import main as export_main
     from spfde_edge.export.prefix import run_pte
 
     out = tmp_path / "model.pte"
-    assert export_main(["--from-device", str(run_dir), "--format", "pte", "--out", str(out)]) == 0
-    trained = TrainedModel(run_dir)
+    assert export_main(["--from-device", str(run_v2), "--format", "pte", "--out", str(out)]) == 0
+    trained = TrainedModel(run_v2)
     images = trained.held_out().images[:1]
     logits = run_pte(out, torch.from_numpy(images).float())
     assert np.abs(logits - trained.logits(images)).max() <= 1e-4

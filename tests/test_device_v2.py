@@ -110,6 +110,34 @@ def test_run_freezes_at_the_planned_boundaries_without_torch(bundle_v2_dir, torc
     assert "parity with the run's model" in exported.stdout
 
 
+def test_the_device_chooses_its_own_boundaries(bundle_v2_dir, tmp_path):
+    """--stages picks boundaries the host plan never reaches (here past its last frozen block),
+    --freeze-at their epochs; boundaries outside 0..head are refused before anything is written."""
+    from device_runner.loop import start
+
+    n = load_bundle(bundle_v2_dir).num_blocks
+    planned = [k for k, _ in _planned_starts(bundle_v2_dir, EPOCHS)]
+    chosen = (planned[-1] + 1, n - 1)
+    report = start(config(bundle_v2_dir, tmp_path / "run", stages=chosen, freeze_at=(2,)), log=quiet).run()
+    assert [list(s) for s in report["schedule"]["stage_starts"]] == [[chosen[0], 0], [chosen[1], 2]]
+    assert [s["stage"] for s in report["stages"]] == list(chosen)
+    for bad in ((3, n), (5, 4)):
+        with pytest.raises(BundleError, match=rf"block boundaries 0\.\.{n - 1}"):
+            start(config(bundle_v2_dir, tmp_path / f"bad{bad[0]}", stages=bad, freeze_at=(1,)), log=quiet)
+        assert not (tmp_path / f"bad{bad[0]}" / "checkpoint.json").exists()
+
+
+def test_an_executorch_prefix_is_refused_for_format_2(bundle_v2_dir, tmp_path):
+    profile = tmp_path / "et.yaml"
+    text = (Path(__file__).resolve().parents[1] / "profiles" / "generic-x86.yaml").read_text()
+    profile.write_text(text.replace("prefix_backend: auto", "prefix_backend: executorch"))
+    result = run_cli(["--bundle", str(bundle_v2_dir), "--profile", str(profile), "--data", "digits",
+                      "--max-per-class", "20", "--epochs", "1", "--out", str(tmp_path / "run")])
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "no .pte" in lines[0]
+
+
 def test_resume_at_a_freeze_is_exact(bundle_v2_dir, tmp_path):
     """A run stopped right after a stage change and resumed ends with the uninterrupted run's
     weights, bit for bit: the frozen blocks' device-trained weights come back from the checkpoint."""

@@ -78,11 +78,11 @@ def _options(name: str, checkpoint: Path, out: Path) -> ExportOptions:
     # trace); resnet18 carries it and is checked below.
     if name == "resnet32":
         return ExportOptions(checkpoint=str(checkpoint), out=str(out), batch_size=BATCH, parity_steps=2,
-                             step_graph=False)
+                             step_graph=False, bundle_format=1)
     # uniform: under ERK the narrow early layers of a tiny model come out dense
     return ExportOptions(model="resnet18", width=0.125, input_size=SIZE, batch_size=BATCH,
                          stages="3", sparsity=0.8, distribution="uniform", out=str(out),
-                         parity_steps=2)
+                         parity_steps=2, bundle_format=1)
 
 
 @pytest.fixture(scope="session", params=["resnet32", "resnet18"])
@@ -447,7 +447,7 @@ def test_checkpoint_for_another_model(checkpoint_path, tmp_path, capsys):
 
 
 def test_stage_range_outside_model(tmp_path, capsys):
-    err = _error(["--model", "resnet18", "--width", "0.125", "--stages", "4-12",
+    err = _error(["--model", "resnet18", "--width", "0.125", "--bundle-format", "1", "--stages", "4-12",
                   "--out", str(tmp_path / "x")], capsys)
     assert "0-9" in err
     assert not (tmp_path / "x").exists()
@@ -459,9 +459,9 @@ def test_out_folder_with_another_models_bundle_is_refused(bundle, tmp_path, caps
     out = tmp_path / "taken"
     shutil.copytree(root, out)
     before = sorted(p.name for p in out.rglob("*"))
-    err = _error(["--model", other, "--stages", "0", "--out", str(out)], capsys)
+    err = _error(["--model", other, "--out", str(out)], capsys)
     assert "--force" in err
-    same_name_other_width = ["--model", manifest["model"]["name"], "--width", "0.5", "--stages", "0"]
+    same_name_other_width = ["--model", manifest["model"]["name"], "--width", "0.5"]
     assert "--force" in _error([*same_name_other_width, "--out", str(out)], capsys)
     assert sorted(p.name for p in out.rglob("*")) == before
     assert list(tmp_path.iterdir()) == [out]
@@ -473,7 +473,7 @@ def test_force_replaces_and_failures_leave_nothing_behind(bundle, tmp_path, monk
     out = tmp_path / "taken"
     shutil.copytree(root, out)
     options = ExportOptions(model="resnet18", width=0.125, input_size=SIZE, batch_size=4,
-                            stages="0", sparsity=0.5, out=str(out), force=True, parity_steps=1)
+                            stages="0", sparsity=0.5, out=str(out), force=True, parity_steps=1, bundle_format=1)
 
     def broken(*args, **kwargs):
         raise ParityError("simulated parity failure")

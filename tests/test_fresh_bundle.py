@@ -23,8 +23,8 @@ def test_fresh_bundle_first_device_epoch_stays_in_the_hosts_range(tmp_path):
     from spfde_edge.trainer import start as host_start
 
     bundle = tmp_path / "fresh"
-    export_bundle(ExportOptions(model="resnet32", width=0.25, input_size=16, stages="0", batch_size=32,
-                                out=str(bundle), parity_steps=1), log=lambda line: None)
+    export_bundle(ExportOptions(model="resnet32", width=0.25, input_size=16, batch_size=32, out=str(bundle)),
+                  log=lambda line: None)   # the default: format 2
     # The device continues the bundle's plan (160 epochs, LR 0.1): run its first epoch of 160.
     runner = start(RunConfig(bundle=str(bundle), profile="generic-x86", data="digits", out=str(tmp_path / "dev"),
                              epochs=160, batch_size=32, seed=0, threads=2), log=lambda line: None)

@@ -120,8 +120,9 @@ COPY = ("--bundle", "{tmp}/bundle", "--profile", "generic-x86", "--data", "image
         "--epochs", "2", "--threads", "1", "--out", "{tmp}/run")
 FIT = ("--dataset", "synthetic", "--synthetic-size", "64", "--model", "resnet32", "--width", "0.25",
        "--input-size", "16", "--epochs", "1", "--threads", "1", "--out", "{tmp}/run")
-FRESH = ("--model", "resnet32", "--width", "0.25", "--input-size", "16", "--stages", "14",
+FRESH = ("--model", "resnet32", "--width", "0.25", "--input-size", "16", "--bundle-format", "1", "--stages", "14",
          "--parity-steps", "2", "--no-step-graph", "--out", "{tmp}/export")
+FRESH_V2 = ("--model", "resnet32", "--width", "0.25", "--input-size", "16", "--out", "{tmp}/export")
 NAN_PROFILE = (b"name: nan-board\nboard: {cpu: x, cores: 2, ram_mb: 4096, arch: x86_64}\n"
                b"power: {idle_w: 5, busy_w: 10}\nbudgets: {memory_mb: .nan}\n")
 
@@ -132,6 +133,9 @@ ROWS = {
     "device-batch-size-negative": Case(DEVICE, (*RUN, "--batch-size", "-4"), ("--batch-size must be at least 1",)),
     "device-freeze-at-not-numbers": Case(DEVICE, (*RUN, "--freeze-at", "abc"),
                                          ("--freeze-at", "whole numbers separated by commas")),
+    "device-stages-not-exported": Case(DEVICE, (*RUN, "--stages", "3,15"),
+                                       ("--stages 3,15", "the exported stages [14, 15, 16]")),
+    "device-stages-not-increasing": Case(DEVICE, (*RUN, "--stages", "15,14"), ("give increasing boundaries",)),
     "device-freeze-at-beyond-epochs": Case(DEVICE, (*RUN, "--freeze-at", "99"),
                                            ("--freeze-at 99", "epochs 1..2", "raise --epochs")),
     "device-max-per-class-0": Case(DEVICE, (*RUN, "--max-per-class", "0"), ("--max-per-class must be at least 1",)),
@@ -207,6 +211,9 @@ ROWS = {
     "export-num-classes-1": Case(EXPORT, (*FRESH, "--num-classes", "1"), ("--num-classes must be at least 2",)),
     "export-epochs-0": Case(EXPORT, (*FRESH, "--epochs", "0"), ("--epochs must be at least 1",)),
     "export-delta-tau-0": Case(EXPORT, (*FRESH, "--delta-tau", "0"), ("--delta-tau must be at least 1",)),
+    "export-stages-in-format-2": Case(EXPORT, (*FRESH_V2, "--stages", "14"), ("add --bundle-format 1",)),
+    "export-parity-steps-in-format-2": Case(EXPORT, (*FRESH_V2, "--parity-steps", "2"), ("drop --parity-steps",)),
+    "export-no-step-graph-in-format-2": Case(EXPORT, (*FRESH_V2, "--no-step-graph"), ("drop --no-step-graph",)),
 }
 
 

@@ -326,7 +326,7 @@ def test_export_signs_inside_the_temporary_folder(tmp_path, keys):
                       lambda path, x: prefix_io.run_onnx(path.with_name(prefix_io.ONNX_FILE), x.numpy()))
         export_bundle(ExportOptions(model="resnet32", width=0.25, input_size=16, stages="16", batch_size=8,
                                     epochs=30, delta_tau=2, out=str(out), parity_steps=1, step_graph=False,
-                                    distribution="erk"),
+                                    distribution="erk", bundle_format=1),
                       log=lines.append, sign_key=keys["release"])
     assert (out / signing.SIGNATURE_NAME).is_file() and any("signed manifest.json" in l for l in lines)
     assert str(keys["release"]) not in (out / "manifest.json").read_text()

@@ -29,11 +29,9 @@ from ._ort import inference_options, onnxruntime
 
 from ..bundle import DeviceBlock, Stage
 from ..errors import BundleError
-from ..method import sgd as sgd_rule
 from ..method.loss import cross_entropy
 from ..model_state import ModelState
-from .blocks import block_of
-from .onnx_step import load_state_file
+from .state_suffix import StateSuffix
 
 X, Y, GRAD_Y, GRAD_X = "x", "y", "grad_y", "grad_x"
 NEW_SUFFIX, GRAD_SUFFIX, SAVED_PREFIX = ".new", ".grad", "saved."
@@ -142,11 +140,12 @@ class InferChain:
         return x
 
 
-class BlockChainTrainer:
+class BlockChainTrainer(StateSuffix):
     """The suffix of stage ``stage.k`` (blocks ``[k, n)``) trained block by block.
 
     The trainer interface of backends/__init__.py; parameters, masks and running statistics
-    are the state's arrays (``get_parameter`` copies, ``set_parameter`` writes in place).
+    are the state's arrays (state_suffix.py: ``get_parameter`` copies, ``set_parameter``
+    writes in place).
     """
 
     name = "onnxruntime block chain"
@@ -159,29 +158,11 @@ class BlockChainTrainer:
         self.masked = {w for _, w in stage.masks}
         self._names = self.trainable + [m for m, _ in stage.masks] + \
             [r for b in self.blocks for r in b.running_stats]
-        self._known = set(self._names)
         self.eval_chain = InferChain(self.blocks, state, sessions)
         self.grads: dict[str, np.ndarray] = {}
         self.momentum_buffers: dict[str, np.ndarray] = {}
         if checkpoint is not None:
             self.load(checkpoint)
-
-    # --- parameters ----------------------------------------------------------------------
-    def parameter_names(self) -> list[str]:
-        """The suffix's parameters, ``<weight>_mask`` masks and running statistics."""
-        return list(self._names)
-
-    def _array(self, name: str) -> np.ndarray:
-        if name not in self._known:
-            raise KeyError(f"{name!r} is not a parameter of the suffix from block {self.stage.k}")
-        return self.state.array(name)
-
-    def get_parameter(self, name: str) -> np.ndarray:
-        return np.array(self._array(name), copy=True)
-
-    def set_parameter(self, name: str, value: np.ndarray) -> None:
-        self._array(name)
-        self.state.assign(name, value)
 
     def gradient(self, name: str) -> np.ndarray | None:
         """The last step's gradient of trainable ``name``; for a masked weight zero where the
@@ -221,29 +202,13 @@ class BlockChainTrainer:
         return loss, x
 
     def sgd_step(self, lr_of_block: dict[int, float], momentum: float, weight_decay: float) -> None:
-        for name in self.trainable:
-            grad = self.grads.get(name)
-            if grad is None:
-                continue
-            mask = self.state.masks[name] if name in self.masked else None
-            sgd_rule.sgd_step(self.state.weights[name], grad, mask, self.momentum_buffers, name,
-                              lr_of_block.get(block_of(name), 0.0), momentum, weight_decay)
+        self._sgd(((name, self.grads[name]) for name in self.trainable if name in self.grads),
+                  lr_of_block, momentum, weight_decay)
 
     def eval_step(self, features: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
         logits = self.eval_chain.forward(features)
         return cross_entropy(logits, labels)[0], logits
 
-    # --- state -----------------------------------------------------------------------------
-    def save(self, path) -> None:
-        """The suffix's arrays as npz, the format every backend's checkpoint uses."""
-        with open(path, "wb") as handle:
-            np.savez(handle, **{n: self.state.array(n) for n in self._names})
-
     def release(self) -> None:
         """Before a stage change: nothing to hand back (a format-2 trainer that lends the state
         its own buffers, like ORT training's, copies them back here)."""
-
-    def load(self, path) -> None:
-        for name, value in load_state_file(path).items():
-            if name in self._known:
-                self.set_parameter(name, value)

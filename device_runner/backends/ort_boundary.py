@@ -23,15 +23,13 @@ import numpy as np
 
 from ..bundle import Stage
 from ..errors import BundleError
-from ..method import sgd as sgd_rule
 from ..model_state import ModelState
-from .blocks import block_of
-from .onnx_step import load_state_file
 from .ort_checkpoint import write_checkpoint
 from .ort_training import C, moved_running_stat, run_module, session_options
+from .state_suffix import StateSuffix
 
 
-class OrtBoundaryTrainer:
+class OrtBoundaryTrainer(StateSuffix):
     """Blocks ``[k, n)`` on ORT training artifacts built for boundary k; the trainer interface."""
 
     name = "onnxruntime-training (format 2)"
@@ -94,21 +92,9 @@ class OrtBoundaryTrainer:
                 self.state.weights[name] = np.array(view, copy=True)
         self._views = {}
 
-    # --- parameters ----------------------------------------------------------------------
-    def parameter_names(self) -> list[str]:
-        return list(self._names)
-
-    def _array(self, name: str) -> np.ndarray:
-        if name not in self._names:
-            raise KeyError(f"{name!r} is not a parameter of the suffix from block {self.stage.k}")
-        return self.state.array(name)
-
-    def get_parameter(self, name: str) -> np.ndarray:
-        return np.array(self._array(name), copy=True)
-
+    # --- parameters (state_suffix.py) ---------------------------------------------------------
     def set_parameter(self, name: str, value: np.ndarray) -> None:
-        self._array(name)
-        self.state.assign(name, value)
+        super().set_parameter(name, value)
         if name in self.running:
             self.running[name] = np.array(value, dtype=np.float32, copy=True)
 
@@ -129,13 +115,9 @@ class OrtBoundaryTrainer:
         return loss, logits
 
     def sgd_step(self, lr_of_block: dict[int, float], momentum: float, weight_decay: float) -> None:
-        for name in self.trainable:
-            grad = self.checkpoint_state.get_parameter(name).grad
-            if not grad.has_value():
-                continue
-            mask = self.state.masks[name] if name in self.masked else None
-            sgd_rule.sgd_step(self.state.weights[name], grad.numpy(), mask, self.momentum_buffers, name,
-                              lr_of_block.get(block_of(name), 0.0), momentum, weight_decay)
+        grads = ((name, self.checkpoint_state.get_parameter(name).grad) for name in self.trainable)
+        self._sgd(((name, grad.numpy()) for name, grad in grads if grad.has_value()),
+                  lr_of_block, momentum, weight_decay)
 
     def eval_step(self, features: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
         _, loss, logits = run_module(self.module, features, labels, train=False)
@@ -145,11 +127,5 @@ class OrtBoundaryTrainer:
     def save(self, path) -> None:
         for name, value in self.running.items():
             np.copyto(self.state.weights[name], value)
-        with open(path, "wb") as handle:
-            np.savez(handle, **{n: self.state.array(n) for n in self._names})
-
-    def load(self, path) -> None:
-        for name, value in load_state_file(path).items():
-            if name in self._names:
-                self.set_parameter(name, value)
+        super().save(path)
 

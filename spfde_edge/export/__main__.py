@@ -41,9 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     bundle.add_argument("--out", metavar="DIR", help="output folder (default export/<model>); "
                         "written in a temporary folder and renamed when complete")
     bundle.add_argument("--stages", metavar="K|A-B",
-                        help="split points to export, stage k = blocks before k frozen (default: "
-                             "from the current frozen point to the last block the freezing "
-                             "schedule freezes)")
+                        help="format 1 only: split points to export, stage k = blocks before k frozen "
+                             "(default: from the current frozen point to the last block the freezing "
+                             "schedule freezes); format 2 holds every block boundary")
     bundle.add_argument("--batch-size", type=int,
                         help="device batch: the .pte's fixed batch and the parity batch "
                              "(default: the run's batch size, 64 for a fresh model)")
@@ -53,18 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
                              "-> logits in one ExecuTorch program, written to --out (default export/RUN.pte)")
     bundle.add_argument("--force", action="store_true",
                         help="replace an existing bundle of another model in --out")
-    bundle.add_argument("--bundle-format", type=int, choices=(1, 2), default=1,
-                        help="2: the weights once in one sparse store and each block's programs once, "
-                             "freezing at any block boundary (docs/bundle.md); 1: a graph set per stage "
-                             "(default, for now)")
+    bundle.add_argument("--bundle-format", type=int, choices=(1, 2), default=2,
+                        help="2 (default): the weights once in one sparse store and each block's programs "
+                             "once, freezing at any block boundary (docs/bundle.md); 1: a graph set per "
+                             "stage (--stages), with an ExecuTorch .pte prefix")
     bundle.add_argument("--opset", type=int, default=17, help="ONNX opset, 14-20 (default 17)")
     bundle.add_argument("--no-step-graph", dest="step_graph", action="store_false",
-                        help="skip step.onnx, the standard-ONNX training step that plain onnxruntime "
-                             "runs (needed on aarch64; adds about a minute per stage)")
+                        help="format 1: skip step.onnx, the standard-ONNX training step that plain "
+                             "onnxruntime runs (needed on aarch64; adds about a minute per stage)")
     bundle.add_argument("--seed", type=int, default=0,
                         help="seed of a fresh model's weights and masks, and of the parity batches (default 0)")
-    bundle.add_argument("--parity-steps", type=int, default=10,
-                        help="ORT vs PyTorch training steps checked per stage (default 10)")
+    bundle.add_argument("--parity-steps", type=int,
+                        help="format 1: ORT vs PyTorch training steps checked per stage (default 10); "
+                             "format 2 checks every block's programs and one step per export")
     trust = p.add_argument_group("trust (docs/trust.md)")
     trust.add_argument("--sign-key", metavar="KEY",
                        help="sign the bundle's manifest.json with this Ed25519 private key (made by "
@@ -122,7 +123,11 @@ def main(argv: list[str] | None = None) -> int:
             width=args.width, cifar_stem=args.cifar_stem, sparsity=args.sparsity,
             distribution=args.distribution, freeze_flops=args.freeze_flops, epochs=args.epochs,
             delta_tau=args.delta_tau, seed=args.seed, force=args.force, opset=args.opset,
-            parity_steps=args.parity_steps, step_graph=args.step_graph, bundle_format=args.bundle_format)
+            parity_steps=10 if args.parity_steps is None else args.parity_steps, step_graph=args.step_graph,
+            bundle_format=args.bundle_format)
+        if args.bundle_format == 2 and args.parity_steps is not None:
+            raise BundleError("--parity-steps applies to format 1 (its ORT steps per stage); format 2 checks "
+                              "every block's programs and one ORT step on every export (drop --parity-steps)")
         export_bundle(options, sign_key=args.sign_key)
     except ParityError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -58,7 +58,8 @@ class ExportOptions:
     step_graph: bool = True           # also write step.onnx (standard-ONNX step; aarch64 backend)
     parity_steps: int = 10
     parity_lr: float = 0.01
-    bundle_format: int = 1            # 2: one weight store + per-block programs (block_bundle.py)
+    bundle_format: int = 2            # 1: a graph set per stage (--stages); 2: one weight store +
+                                      # per-block programs, every boundary (block_bundle.py)
 
     def validate(self) -> "ExportOptions":
         """Refuse values that cannot work (BundleError naming the option); ``None`` means the
@@ -82,8 +83,11 @@ class ExportOptions:
             (self.parity_lr > 0, f"parity_lr must be positive, got {self.parity_lr}"),
             (self.bundle_format in (1, 2), f"--bundle-format must be 1 or 2, got {self.bundle_format}"),
             (self.bundle_format == 1 or self.stages is None,
-             "--stages chooses format 1's stages; a format-2 bundle holds every block boundary "
-             "(drop --stages)"),
+             "--stages chooses the stages of a format-1 bundle (add --bundle-format 1); a format-2 "
+             "bundle, the default, holds every block boundary (drop --stages)"),
+            (self.bundle_format == 1 or self.step_graph,
+             "--no-step-graph applies to format 1 (its per-stage step.onnx); a format-2 bundle's "
+             "block programs are its standard-ONNX step (drop --no-step-graph)"),
         ]
         for ok, message in checks:
             if not ok:
