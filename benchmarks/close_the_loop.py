@@ -277,11 +277,12 @@ def main(argv=None) -> dict:
                                    "--data", f"imagefolder:{split_dirs['device_A']}",
                                    "--epochs", str(args.device_epochs), "--seed", str(args.seed),
                                    "--cache", "memory", *threads, "--out", str(fresh_run)))
-    # the exporter's defaults for a fresh model: sparsity 0.9 ERK, MEST, freeze-flops 0.3, Δτ 5,
-    # a 160-epoch plan; the host trainer runs that plan's settings over the device's epochs
+    # the exporter's defaults for a fresh model: sparsity 0.9 uniform (ERK until 2026-12), MEST,
+    # freeze-flops 0.3, Δτ 5, a 160-epoch plan; the host trainer runs that plan's settings over
+    # the device's epochs
     steps.run("fresh_host_A", py("-m", "spfde_edge.train", *model, "--dataset", "imagefolder",
                                  "--data-dir", str(split_dirs["device_A"]), "--epochs", str(args.device_epochs),
-                                 "--sparsity", "0.9", "--distribution", "erk", "--dst", "mest",
+                                 "--sparsity", "0.9", "--distribution", "uniform", "--dst", "mest",
                                  "--freeze-flops", "0.3", "--delta-tau", "1", "--seed", str(args.seed),
                                  "--device", "cpu", "--cache-dir", cache, *threads, "--out", str(fresh_host)))
 

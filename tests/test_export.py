@@ -582,3 +582,28 @@ def test_step_graph_runs_on_plain_onnxruntime_at_any_batch_and_matches_ort_train
                 dead_total += int(dead.sum())
                 assert np.all(outputs[mask["weight"] + ".grad"][dead] == 0)
             assert dead_total > 0
+
+
+def test_dropout_is_an_identity_in_what_the_device_trains():
+    """Exports replace dropout by an identity (a random mask cannot be checked against PyTorch):
+    train-mode outputs become deterministic, eval-mode outputs do not change."""
+    import copy
+
+    from spfde_edge.export.source import without_dropout
+    from spfde_edge.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("mobilenet_v2", num_classes=10, width=0.25).eval()
+    original = copy.deepcopy(model)
+    names = without_dropout(model)
+    assert names and all(isinstance(model.get_submodule(n), torch.nn.Identity) for n in names)
+    assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), original(x), rtol=0, atol=0)
+        model.train()
+        torch.manual_seed(1)
+        first = model(x)
+        torch.manual_seed(2)
+        assert torch.equal(first, model(x))
+    assert without_dropout(create_model("resnet32", num_classes=10, width=0.25)) == []

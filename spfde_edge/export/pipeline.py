@@ -27,7 +27,7 @@ from . import step_graph as step_io
 from . import suffix as suffix_io
 from .inspect import model_identity, summary
 from .parity import check_ir_versions, check_parity, parity_line
-from .source import Source, load_source, resolve_stages
+from .source import Source, load_source, resolve_stages, without_dropout
 
 
 OPSETS = (14, 20)   # --opset range: lowest tested, highest the TorchScript exporter writes
@@ -105,6 +105,7 @@ def export_bundle(options: ExportOptions, log: Callable[[str], None] = print,
     if sign_key is not None:
         signing.load_private_key(Path(sign_key))  # a bad key fails now, not after the export
     source = load_source(options)
+    dropped = without_dropout(source.model)
     stages = resolve_stages(options.stages, source) if options.bundle_format == 1 else None
     out = Path(options.out or Path("export") / source.config.model)
     _check_out(out, source, options.force)
@@ -116,6 +117,8 @@ def export_bundle(options: ExportOptions, log: Callable[[str], None] = print,
             else f"format 2, {len(source.model.blocks)} blocks")
     log(f"exporting {source.config.model} ({'checkpoint ' + source.checkpoint if source.checkpoint else 'fresh'}), "
         f"{what}, batch {batch_size}, input {size}x{size} -> {out}")
+    if dropped:
+        log(f"  dropout off on the device ({', '.join(dropped)}): an identity in every exported graph")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from device_runner.errors import BundleError
 from spfde_edge import cost
@@ -51,6 +52,21 @@ def load_source(options: ExportOptions) -> Source:
     if options.model is None:
         raise BundleError("give --model NAME for a fresh model or --checkpoint PATH for a trained one")
     return _fresh_source(options)
+
+
+def without_dropout(model: nn.Module) -> list[str]:
+    """Replace every dropout layer of ``model`` by an identity, in place; returns their names.
+
+    The device trains without dropout: a random mask drawn by ONNX Runtime cannot be checked
+    against PyTorch's (every export checks one training step against PyTorch), and the two
+    runtimes' random streams differ anyway. Inference is unchanged (dropout is an identity in
+    eval mode); the host keeps its dropout when a run comes home.
+    """
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Dropout)]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, nn.Identity())
+    return names
 
 
 def _check_model_name(name: str) -> None:
