@@ -144,3 +144,32 @@ def test_masked_weights_are_exact_zeros_in_the_store(bundle_v2_dir):
     assert masks
     for name, mask in masks.items():
         assert not np.any(dense[name][mask == 0]), name
+
+
+def test_relu6_gradient_at_a_constant_batchnorm_channel(tmp_path):
+    """A depthwise channel whose weights are all masked is constant, its BatchNorm output sits
+    exactly at ReLU6's lower bound, and PyTorch passes no gradient there. The ONNX translation of
+    hardtanh_backward did (mobilenet_v2's blocks: parameter gradients 1e2-1e3 off); the block
+    programs use PyTorch's rule, and no broadcast ``Where`` is left in them (graph_rewrites.py)."""
+    import onnx
+    import torch
+
+    from spfde_edge.export.block_bundle import check_block
+    from spfde_edge.export.block_programs import export_block
+
+    class OneBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Sequential(nn.Conv2d(12, 12, 3, 1, 1, groups=12, bias=False),
+                                                       nn.BatchNorm2d(12), nn.ReLU6(inplace=True))])
+
+    torch.manual_seed(0)
+    model = OneBlock().eval()
+    with torch.no_grad():
+        model.blocks[0][0].weight[::3] = 0          # channels 0, 3, 6, 9 fully masked
+    x = torch.randn(8, 12, 8, 8)
+    programs = export_block(model, 0, x, tmp_path / "block")
+    parity = check_block(model, programs, x, seed=0)
+    assert parity["grads_rel"] < 1e-4 and parity["grad_input_rel"] < 1e-4, parity
+    for kind in ("train", "backward", "infer"):
+        assert not [n for n in onnx.load(programs.path(kind)).graph.node if n.op_type == "Where"], kind

@@ -43,6 +43,8 @@ def _is_float_zero(name: str, producers: dict, initializers: dict) -> bool:
     node = producers.get(name)
     if node is not None and node.op_type == "Cast":
         return any(a.name == "to" and a.i == FLOAT for a in node.attribute)
+    if node is not None and node.op_type == "Constant":
+        return any(a.name == "value" and a.t.data_type == FLOAT for a in node.attribute)
     return name in initializers and initializers[name].data_type == FLOAT
 
 

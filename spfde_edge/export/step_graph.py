@@ -166,8 +166,12 @@ def decomposition_table() -> dict:
         set(_decomp.get_onnx_implemented_overloads(registry)))
     # Cross entropy in plain reductions too: torch 2.14's ONNX translation of
     # nll_loss_backward drops the 1/N of the mean (gradients came out N times too large).
+    # hardtanh_backward (ReLU6's) too: its ONNX translation passes the gradient at x == min and
+    # x == max, PyTorch does not; a BatchNorm channel that a sparse mask left constant sits
+    # exactly at 0 there, and its gradient came out 1/sqrt(eps) times a wrong nonzero.
     for op in (aten._native_batch_norm_legit_functional.default, aten._native_batch_norm_legit.default,
-               aten.native_batch_norm.default, aten.nll_loss_forward.default, aten.nll_loss_backward.default):
+               aten.native_batch_norm.default, aten.nll_loss_forward.default, aten.nll_loss_backward.default,
+               aten.hardtanh_backward.default):
         table[op] = full[op]
     table[aten.convolution_backward.default] = convolution_backward
     return table
