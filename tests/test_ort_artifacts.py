@@ -154,3 +154,24 @@ def test_write_checkpoint_needs_the_training_build(tmp_path, monkeypatch):
     with pytest.raises(BundleError, match="no training support"):
         write_checkpoint(tmp_path / "checkpoint", {"blocks.0.w": np.zeros(2, np.float32)}, {})
     assert not (tmp_path / "checkpoint").exists()
+
+
+def test_relu6_with_masked_channels_trains_like_pytorch(tmp_path):
+    """mobilenet_v2 at 90 % sparsity: fully masked depthwise channels leave BatchNorm outputs
+    exactly at ReLU6's lower bound, where PyTorch passes no gradient. ORT's gradient of one
+    ``Clip(0, 6)`` passed it (gradients ~600x off); the artifacts lower ReLU6 as
+    ``clamp(relu(x), max=6)`` (suffix.ReluThenClampReLU6)."""
+    from spfde_edge.export.block_bundle import check_boundary
+    from spfde_edge.export.source import without_dropout
+    from spfde_edge.sparsity.masks import MaskSet
+
+    torch.manual_seed(0)
+    model = create_model("mobilenet_v2", num_classes=10, width=0.25)
+    MaskSet.random(model, 0.9, "uniform", torch.Generator().manual_seed(1)).apply(model)
+    without_dropout(model)
+    model.eval()
+    example = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    labels = torch.randint(0, 10, (4,), generator=torch.Generator().manual_seed(3))
+    artifacts = export_training_artifacts(model, [0], example, tmp_path)
+    parity = check_boundary(model, artifacts[0], example, labels, tmp_path)
+    assert parity["ort_loss_rel"] < 1e-4 and parity["ort_grads_rel"] < 1e-3, parity

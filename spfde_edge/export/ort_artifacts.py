@@ -86,10 +86,13 @@ def _block_input(graph, k: int, initializers: set[str]) -> str:
     scope = f"/blocks.{k}/"
     nodes = [n for n in graph.node if n.name.startswith(scope)]
     produced = {out for n in nodes for out in n.output}
+    # The exporter shares equal constants between blocks (e.g. ReLU6's 6): not an activation.
+    constants = {out for n in graph.node if n.op_type == "Constant" for out in n.output}
     external: list[str] = []
     for node in nodes:
         for name in node.input:
-            if name and name not in produced and name not in initializers and name not in external:
+            if (name and name not in produced and name not in initializers and name not in constants
+                    and name not in external):
                 external.append(name)
     if len(external) != 1:
         raise RuntimeError(f"cannot find the input of block {k} in the lowered graph "

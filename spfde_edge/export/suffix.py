@@ -68,6 +68,16 @@ class StatsBatchNorm2d(nn.BatchNorm2d):
         return super().forward(x)
 
 
+class ReluThenClampReLU6(nn.ReLU6):
+    """ReLU6 as ``clamp(relu(x), max=6)`` for ONNX Runtime's gradient builder: its gradient of
+    one ``Clip(0, 6)`` passes the gradient at x == 0, PyTorch's does not, and a BatchNorm channel
+    that a sparse mask left constant sits exactly there (mobilenet_v2). ``Relu``'s gradient is
+    zero at 0, as PyTorch's. Same forward values."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(torch.relu(x), max=self.max_val)
+
+
 class TrainableSuffix(nn.Module):
     """Blocks ``[k, n)`` of a model, masks in the graph; ``forward`` -> (logits, *bn stats).
 
@@ -91,6 +101,8 @@ class TrainableSuffix(nn.Module):
             elif type(module) is nn.BatchNorm2d:
                 module.__class__ = StatsBatchNorm2d
                 self.batchnorms.append((name, module))
+            elif type(module) is nn.ReLU6:
+                module.__class__ = ReluThenClampReLU6
             elif isinstance(module, nn.modules.batchnorm._BatchNorm):
                 raise NotImplementedError(f"{type(module).__name__} at {name} is not supported "
                                           "by the suffix export (only BatchNorm2d)")
