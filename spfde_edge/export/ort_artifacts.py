@@ -28,7 +28,7 @@ import torch
 
 from spfde_edge.models import BlockModel
 
-from .suffix import FEATURES_INPUT, LOGITS_OUTPUT, TrainableSuffix, _fix_eval_model, _quiet_native_stderr
+from .suffix import FEATURES_INPUT, LOGITS_OUTPUT, TrainableSuffix, _fix_eval_model, generate_suffix_artifacts
 
 ORT_FOLDER = "ort"
 GRAPH_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx")
@@ -236,7 +236,6 @@ def export_training_artifacts(model: BlockModel, boundaries: list[int], example:
     """
     import onnx
     import onnx.shape_inference
-    from onnxruntime.training import artifacts as ort_artifacts
 
     n = len(model.blocks)
     boundaries = sorted(set(int(k) for k in boundaries))
@@ -292,12 +291,7 @@ def export_training_artifacts(model: BlockModel, boundaries: list[int], example:
         out.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         _reset_onnxblock_names()
-        with _quiet_native_stderr():
-            ort_artifacts.generate_artifacts(
-                cut, requires_grad=trainable, frozen_params=frozen,
-                loss=ort_artifacts.LossType.CrossEntropyLoss, optimizer=ort_artifacts.OptimType.SGD,
-                artifact_directory=str(out), loss_input_names=[LOGITS_OUTPUT],
-                additional_output_names=[LOGITS_OUTPUT, *stats])
+        generate_suffix_artifacts(cut, trainable, frozen, stats, out)
         timings["generate_artifacts_s"] = time.perf_counter() - start
 
         start = time.perf_counter()

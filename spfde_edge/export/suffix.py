@@ -231,11 +231,24 @@ def keep_only_outputs(graph, keep: list[str]) -> set[str]:
     return needed
 
 
+def generate_suffix_artifacts(proto, trainable: list[str], frozen: list[str], stats: list[str],
+                              folder: Path) -> None:
+    """ORT's training, eval and optimizer graphs (and checkpoint) of a lowered suffix in
+    ``folder``: cross entropy on the logits, SGD, the logits and BatchNorm batch statistics
+    as extra outputs. Both bundle formats build their artifacts here."""
+    from onnxruntime.training import artifacts
+
+    with _quiet_native_stderr():
+        artifacts.generate_artifacts(
+            proto, requires_grad=trainable, frozen_params=frozen,
+            loss=artifacts.LossType.CrossEntropyLoss, optimizer=artifacts.OptimType.SGD,
+            artifact_directory=str(folder), loss_input_names=[LOGITS_OUTPUT],
+            additional_output_names=[LOGITS_OUTPUT, *stats])
+
+
 def export_suffix(model: BlockModel, masks: dict[str, torch.Tensor], k: int,
                   example: torch.Tensor, folder: Path, opset: int) -> SuffixArtifacts:
     """Write training/eval/optimizer models and the checkpoint of stage ``k`` into ``folder``."""
-    from onnxruntime.training import artifacts
-
     suffix = TrainableSuffix(model, k, masks).train()
     suffix.apply_masks()
     proto = _export_training_graph(suffix, example, opset)
@@ -249,12 +262,7 @@ def export_suffix(model: BlockModel, masks: dict[str, torch.Tensor], k: int,
         raise RuntimeError(f"suffix graph has unexpected initializers {unknown[:5]}")
     stats = suffix.stat_output_names()
     folder.mkdir(parents=True, exist_ok=True)
-    with _quiet_native_stderr():
-        artifacts.generate_artifacts(
-            proto, requires_grad=trainable, frozen_params=frozen,
-            loss=artifacts.LossType.CrossEntropyLoss, optimizer=artifacts.OptimType.SGD,
-            artifact_directory=str(folder), loss_input_names=[LOGITS_OUTPUT],
-            additional_output_names=[LOGITS_OUTPUT, *stats])
+    generate_suffix_artifacts(proto, trainable, frozen, stats, folder)
     import onnx
 
     training = onnx.load(folder / "training_model.onnx", load_external_data=False)
