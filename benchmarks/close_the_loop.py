@@ -194,7 +194,11 @@ def main(argv=None) -> dict:
         sub.add_argument("--data", required=True)
         sub.add_argument("--threads", type=int, default=2)
         sub.add_argument("--cache-dir", required=True)
+        sub.add_argument("--model", help="a run of your own model: name it to let its code be imported")
         a = sub.parse_args(argv[1:])
+        from spfde_edge.user_models import allow
+
+        allow(a.model)
         print(json.dumps(host_eval(a.checkpoint, a.data, a.threads, a.cache_dir)))
         return {}
 

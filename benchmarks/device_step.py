@@ -71,7 +71,9 @@ INPUT_SIZE = 32
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["resnet18", "resnet32"], choices=list(DEFAULT_WIDTHS))
+    p.add_argument("--models", nargs="+", default=["resnet18", "resnet32"],
+                   help="model names as spfde_edge.export --model takes them, e.g. torchvision:mobilenet_v3_small "
+                        "(default resnet18 resnet32)")
     p.add_argument("--width", nargs="*", default=[], metavar="MODEL=W",
                    help="channel multiplier per model (default resnet18=1 resnet32=2)")
     p.add_argument("--splits", nargs="+", default=["middle", "last-third"],
@@ -98,11 +100,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny resnet32 smoke run (< 1 minute)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # JSON spec: one RSS subprocess
     args = p.parse_args(argv)
-    widths = dict(DEFAULT_WIDTHS)
+    widths = {model: DEFAULT_WIDTHS.get(model) for model in args.models}   # None: the model's own
     for item in args.width:
         name, _, value = item.partition("=")
-        if name not in DEFAULT_WIDTHS or not value:
-            p.error(f"--width takes MODEL=W with MODEL in {list(DEFAULT_WIDTHS)}, got '{item}'")
+        if name not in args.models or not value:
+            p.error(f"--width takes MODEL=W with MODEL one of --models, got '{item}'")
         widths[name] = float(value)
     if args.quick:
         args.models, args.splits, args.batch_sizes = ["resnet32"], ["last-third"], [16, 32]
@@ -127,6 +129,16 @@ def split_point(spec: str, num_blocks: int) -> int:
     if not 1 <= k < num_blocks:
         raise SystemExit(f"error: split {k} outside 1..{num_blocks - 1}")
     return k
+
+
+def width_text(width: float | None) -> str:
+    """``0.25``; ``default`` for a model without a width multiplier (torchvision's efficientnet)."""
+    return "default" if width is None else f"{width:g}"
+
+
+def model_label(row: dict) -> str:
+    """``resnet32x2``; the bare name for a model at its own width."""
+    return row["model"] if row["width"] is None else f"{row['model']}x{row['width']:g}"
 
 
 def num_blocks_of(model: str, width: float) -> int:
@@ -172,7 +184,10 @@ def ensure_bundle(model: str, width: float, k: int, batch: int, bundle_dir: Path
     from device_runner.errors import BundleError
     from device_runner.manifest import read_manifest
 
-    out = bundle_dir / (f"{model}-w{width:g}-k{k}-b{batch}" if fmt == 1 else f"{model}-w{width:g}-v2-b{batch}")
+    from spfde_edge.models import folder_name
+
+    tag = f"{folder_name(model)}-w{width_text(width)}"
+    out = bundle_dir / (f"{tag}-k{k}-b{batch}" if fmt == 1 else f"{tag}-v2-b{batch}")
     try:
         m = read_manifest(out)
     except BundleError as exc:  # none yet, or one of an older format: export (again)
@@ -180,7 +195,7 @@ def ensure_bundle(model: str, width: float, k: int, batch: int, bundle_dir: Path
         if out.exists():
             print(f"  {out}: {exc}: exporting again", flush=True)
     if (m is not None and m.format_version == fmt and m.model.name == model
-            and float(m.model.width or DEFAULT_WIDTHS[model]) == width and m.batch_size == batch):
+            and (m.model.width or DEFAULT_WIDTHS.get(model)) == width and m.batch_size == batch):
         if fmt == 2:
             return out
         if [s.stage for s in m.stages] == [k]:
@@ -623,7 +638,7 @@ def tables(result: dict) -> str:
                   "load average before>after the timing",
                   format_table(["model", "k", "trained", "batch", "ort ms", "step ms", "torch ms", "ort/torch",
                                 "step/torch", "step/ort", "ort sgd", "step sgd", "loss rel", "load"],
-                               [[f"{r['model']}x{r['width']:g}", r["k"], r["trained_blocks"], r["batch_size"],
+                               [[model_label(r), r["k"], r["trained_blocks"], r["batch_size"],
                                  r["ort_ms"], r.get("step_ms", nan), r["torch_ms"], r["ratio"], r.get("step_ratio", nan),
                                  r.get("step_vs_ort", nan), r.get("ort_sgd_ms", nan), r.get("step_sgd_ms", nan),
                                  f"{r.get('step_vs_ort_loss_rel', nan):.1e}", _load(r)] for r in steps])]
@@ -636,7 +651,7 @@ def tables(result: dict) -> str:
                   format_table(["model", "k", "batch", "chain ms", "ort2 ms", "torch ms", "chain/step", "ort2/ort",
                                 "chain/torch", "ort2/torch", "chain sgd", "ort2 sgd", "chain-step", "ort2-ort",
                                 "logits", "load"],
-                               [[f"{r['model']}x{r['width']:g}", r["k"], r["batch_size"], r["chain_ms"],
+                               [[model_label(r), r["k"], r["batch_size"], r["chain_ms"],
                                  r.get("ort2_ms", nan), r["torch_ms"], r.get("chain_vs_step", nan),
                                  r.get("ort2_vs_ort", nan), r["chain_ratio"], r.get("ort2_ratio", nan),
                                  r["chain_sgd_ms"], r.get("ort2_sgd_ms", nan),
@@ -648,7 +663,7 @@ def tables(result: dict) -> str:
         parts += ["", f"peak RSS of a process doing the steps, MB (VmHWM); loaded = RSS before the first step",
                   format_table(["model", "k", "batch", "ort MB", "step MB", "torch MB", "ort/torch", "step/torch",
                                 "step/ort", "ort loaded", "step loaded", "torch loaded"],
-                               [[f"{r['model']}x{r['width']:g}", r["k"], r["batch_size"], r["ort_peak_mb"],
+                               [[model_label(r), r["k"], r["batch_size"], r["ort_peak_mb"],
                                  r.get("step_peak_mb", nan), r["torch_peak_mb"], r["ratio"], r.get("step_ratio", nan),
                                  r.get("step_vs_ort", nan), r["ort_loaded_mb"], r.get("step_loaded_mb", nan),
                                  r["torch_loaded_mb"]] for r in rss])]
@@ -656,7 +671,7 @@ def tables(result: dict) -> str:
         parts += ["", "format 2, peak RSS, MB (VmHWM); its processes load the whole weight store (prefix too)",
                   format_table(["model", "k", "batch", "chain MB", "ort2 MB", "torch MB", "chain/step", "ort2/ort",
                                 "chain/torch", "ort2/torch", "chain loaded", "ort2 loaded", "load"],
-                               [[f"{r['model']}x{r['width']:g}", r["k"], r["batch_size"], r["chain_peak_mb"],
+                               [[model_label(r), r["k"], r["batch_size"], r["chain_peak_mb"],
                                  r.get("ort2_peak_mb", nan), r["torch_peak_mb"], r.get("chain_vs_step", nan),
                                  r.get("ort2_vs_ort", nan), r["chain_ratio"], r.get("ort2_ratio", nan),
                                  r["chain_loaded_mb"], r.get("ort2_loaded_mb", nan), _load(r)] for r in rss2])]
@@ -669,7 +684,7 @@ def tables(result: dict) -> str:
         parts += ["", "prefix forward, ms (median), at the .pte's batch",
                   format_table(["model", "k", "batch", "executorch", "onnxruntime", "torch", "et/torch",
                                 "ort/torch"],
-                               [[f"{r['model']}x{r['width']:g}", r["k"], r["batch_size"], r["executorch_ms"],
+                               [[model_label(r), r["k"], r["batch_size"], r["executorch_ms"],
                                  r["onnxruntime_ms"], r["torch_ms"], r["executorch_vs_torch"],
                                  r["onnxruntime_vs_torch"]] for r in result["prefix"]])]
     return "\n".join(parts)
@@ -707,7 +722,7 @@ def main(argv=None) -> dict:
         num_blocks = num_blocks_of(model, width)
         for spec in args.splits:
             k = split_point(spec, num_blocks)
-            print(f"{model} x{width:g}: stage {k} of {num_blocks} blocks", flush=True)
+            print(f"{model} x{width_text(width)}: stage {k} of {num_blocks} blocks", flush=True)
             bundles = {fmt: ensure_bundle(model, width, k, args.export_batch, bundle_dir, fmt)
                        for fmt in args.formats}
             for bundle in bundles.values():

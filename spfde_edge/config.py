@@ -19,6 +19,8 @@ class TrainConfig:
     model: str = "resnet32"
     width: float | None = None            # channel multiplier; None = the model's default
     cifar_stem: bool = True
+    init_from: str | None = None          # pretrained weights (a state dict); masks by magnitude
+    bn_momentum: float | None = None      # BatchNorm running-statistics momentum; None = the model's
     dataset: str = "digits"
     data_dir: str | None = None
     download: bool = False
@@ -65,6 +67,8 @@ class TrainConfig:
             (self.synthetic_size >= 1, f"--synthetic-size must be at least 1, got {self.synthetic_size}"),
             (self.train_subset is None or self.train_subset >= 1,
              f"--train-subset must be at least 1 sample, got {self.train_subset}"),
+            (self.bn_momentum is None or 0.0 < self.bn_momentum < 1.0,
+             f"--bn-momentum must be in (0, 1), got {self.bn_momentum}; leave it out for the model's own"),
             (self.width is None or (self.width > 0 and math.isfinite(self.width)),
              f"--width must be a positive multiplier, got {self.width}"),
             (0.0 <= self.max_frozen_fraction <= 1.0,

@@ -87,8 +87,8 @@ def read_device_run(run: str | Path, threads: int | None = None, check_logits: b
         raise DeviceImportError(str(exc)) from None
     bundle = trained.bundle
     info = bundle.manifest.model
-    model = create_model(info.name, num_classes=info.num_classes, width=info.width,
-                         cifar_stem=info.cifar_stem).eval()
+    model = create_model(info.name, num_classes=info.num_classes, width=info.width, cifar_stem=info.cifar_stem,
+                         bn_momentum=bundle.manifest.train_config.get("bn_momentum")).eval()
     state = model.state_dict()
     k0, k = trained.starts[0][0], trained.stage_k
     if bundle.format_version == 2:   # the run's model state holds every block, as the store did
@@ -394,14 +394,20 @@ def add_host_plan_options(parser) -> None:
     parser.add_argument("--dataset", choices=DATASETS, help="host data for --resume (default: the data the "
                                                             "bundle's model was trained on, its train_config)")
     parser.add_argument("--data-dir", help="dataset root or class-folder root for --dataset")
+    parser.add_argument("--model", metavar="NAME",
+                        help="a run of your own model (package.module:factory): name it to let its code "
+                             "be imported (a run never imports code by itself; docs/models.md)")
 
 
-def run_host_command(action) -> int:
-    """Run ``action()``; a user error is one ``error:`` line and exit 2, as in the trainer's CLI."""
+def run_host_command(action, model: str | None = None) -> int:
+    """Run ``action()``; a user error is one ``error:`` line and exit 2, as in the trainer's CLI.
+    ``model``: the --model the user named, whose code may then be imported."""
     import sys
 
     from spfde_edge.train import USER_ERRORS
+    from spfde_edge.user_models import allow
 
+    allow(model)
     try:
         action()
     except USER_ERRORS as exc:

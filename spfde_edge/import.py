@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     from spfde_edge.device_import import import_run
 
     return run_host_command(lambda: import_run(args.run, args.out, epochs=args.epochs, dataset=args.dataset,
-                                               data_dir=args.data_dir))
+                                               data_dir=args.data_dir),
+                            model=args.model)
 
 
 if __name__ == "__main__":

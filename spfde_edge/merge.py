@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     from spfde_edge.fleet import merge_runs
 
     return run_host_command(lambda: merge_runs(args.runs, args.out, epochs=args.epochs, dataset=args.dataset,
-                                               data_dir=args.data_dir))
+                                               data_dir=args.data_dir),
+                            model=args.model)
 
 
 if __name__ == "__main__":

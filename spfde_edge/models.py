@@ -32,6 +32,9 @@ class BlockModel(nn.Module):
         self.block_names = [n for n, _ in blocks]
         self.blocks = nn.ModuleList([m for _, m in blocks])
         self.num_frozen = 0
+        # ``blocks.<i>.<…>`` -> the name in the library's own state dict (library models),
+        # so their weight files load with --init-from.
+        self.source_names: dict[str, str] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for index, block in enumerate(self.blocks):
@@ -80,17 +83,68 @@ def register_model(name: str):
 
 
 def available_models() -> list[str]:
+    """The registered names; ``torchvision:NAME``, ``timm:NAME`` and your own
+    ``package.module:factory`` are accepted as well (:func:`create_model`)."""
     return sorted(_REGISTRY)
 
 
+MODEL_HELP = ("a registered model ({registered}), torchvision:NAME, timm:NAME, or your own "
+              "package.module:factory / file.py:factory (docs/models.md)")
+
+
+def check_model_name(name: str) -> None:
+    """Refuse a name that can never build a model, before any work starts."""
+    from .model_zoo import is_library_model
+    from .user_models import is_user_model
+
+    if name not in _REGISTRY and not is_library_model(name) and not is_user_model(name):
+        raise ModelError(f"unknown model '{name}'; give "
+                         + MODEL_HELP.format(registered=", ".join(available_models())))
+
+
+def folder_name(name: str) -> str:
+    """A default run/bundle folder name for a model name (``torchvision:mobilenet_v3_small``
+    -> ``mobilenet_v3_small``; ``nets/tiny.py:build`` -> ``tiny-build``)."""
+    import re
+
+    target, _, attribute = name.rpartition(":")
+    if not target:
+        return name
+    if target in ("torchvision", "timm"):
+        return attribute
+    stem = target.rsplit("/", 1)[-1].removesuffix(".py")
+    return re.sub(r"[^A-Za-z0-9._-]", "_", f"{stem}-{attribute}")
+
+
 def create_model(name: str, num_classes: int = 10, width: float | None = None,
-                 cifar_stem: bool = True) -> BlockModel:
-    """Build a registered model. ``width`` scales channels (None: the model's default)."""
-    if name not in _REGISTRY:
-        raise ModelError(f"unknown model '{name}'; choose one of {', '.join(available_models())}")
+                 cifar_stem: bool = True, bn_momentum: float | None = None) -> BlockModel:
+    """Build a model by name. ``width`` scales channels (None: the model's default);
+    ``bn_momentum`` replaces every BatchNorm's running-statistics momentum (None: the model's)."""
+    from .model_zoo import build_library_model, is_library_model
+    from .user_models import build_user_model, is_user_model
+
+    check_model_name(name)
     if width is not None and width <= 0:
         raise ModelError(f"width must be positive, got {width}")
-    return _REGISTRY[name](num_classes=num_classes, width=width, cifar_stem=cifar_stem)
+    if is_library_model(name):
+        model = build_library_model(name, num_classes, width, cifar_stem)
+    elif is_user_model(name):
+        model = build_user_model(name, num_classes, width)
+    else:
+        model = _REGISTRY[name](num_classes=num_classes, width=width, cifar_stem=cifar_stem)
+    if bn_momentum is not None:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = bn_momentum
+    return model
+
+
+def slowest_bn_momentum(model: nn.Module) -> float | None:
+    """The smallest BatchNorm momentum in ``model`` (None without BatchNorm or with a cumulative
+    average): torchvision's MobileNetV3 and EfficientNet use 0.01, set for 600-epoch schedules."""
+    values = [m.momentum for m in model.modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is not None]
+    return min(values) if values else None
 
 
 def _channels(base: int, width: float) -> int:

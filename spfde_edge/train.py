@@ -12,7 +12,7 @@ from .config import ConfigError, TrainConfig
 from .data import DataError
 from .distributed import LauncherGone, shutdown
 from .freezing import FreezeError
-from .models import ModelError, available_models
+from .models import MODEL_HELP, ModelError, available_models, folder_name
 from .sieve import SieveError
 from .sparsity.dst import ScheduleError
 from .sparsity.masks import SparsityError
@@ -42,11 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     run.add_argument("--device", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N (default auto)")
     model = p.add_argument_group("model")
-    model.add_argument("--model", choices=available_models(), help=f"default {d.model}")
+    model.add_argument("--model", metavar="NAME",
+                       help=MODEL_HELP.format(registered=", ".join(available_models()))
+                       + f" (default {d.model})")
+    model.add_argument("--bn-momentum", type=float,
+                       help="BatchNorm running-statistics momentum (default: the model's own; torchvision's "
+                            "MobileNetV3/EfficientNet use 0.01, set for hundreds of epochs: 0.1 for short runs)")
+    model.add_argument("--init-from", metavar="PATH",
+                       help="start from these weights (a state dict or .safetensors file, e.g. torchvision's "
+                            "or timm's, offline); masks keep each layer's largest weights and the head is "
+                            "re-initialised when the class count differs")
     model.add_argument("--width", type=float,
                        help="channel multiplier (default: 2 for resnet32 as in the paper, 1 otherwise)")
     model.add_argument("--imagenet-stem", dest="cifar_stem", action="store_false",
-                       help="use the ImageNet stem (7x7/2 conv + max-pool) instead of the CIFAR stem")
+                       help="use the ImageNet stem (resnet18: 7x7/2 conv + max-pool; a library model as published) instead of the CIFAR stem (first conv stride 1)")
     data = p.add_argument_group("data")
     data.add_argument("--dataset", choices=DATASETS, help=f"default {d.dataset}")
     data.add_argument("--data-dir", help="dataset root (cifar10/100) or class-folder root (imagefolder)")
@@ -93,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     from . import trainer as trainer_mod  # torch import after argument parsing keeps --help fast
 
     args = vars(build_parser().parse_args(argv))
+    from .user_models import allow
+
+    allow(args.get("model"))  # named on this command line: its code may be imported
     resume_dir = args.pop("resume", None)
     stop_after = args.pop("stop_after", None)
     out = args.pop("out", None)
@@ -103,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             run = trainer_mod.resume(Path(resume_dir), overrides=args)
         else:
             config = TrainConfig(**args).validate()
-            out = out or f"runs/{config.model}-{config.dataset}"
+            out = out or f"runs/{folder_name(config.model)}-{config.dataset}"
             if Path(out).exists() and not Path(out).is_dir():
                 raise ConfigError(f"--out {out} is a file; the run needs a new or empty folder")
             run = trainer_mod.start(config, Path(out))

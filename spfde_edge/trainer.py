@@ -29,7 +29,8 @@ from .data import DatasetSplit, iterate_batches, load_dataset, stratified_subset
 from .freezing import Freezer, block_active_epochs, block_lr, freeze_schedule
 from .distributed import (DistContext, all_gather_rows, all_reduce_mean_, all_reduce_sum, barrier,
                           check_launcher, gather_strings, init_from_env, state_hash)
-from .models import BlockModel, create_model
+from .models import BlockModel, create_model, slowest_bn_momentum
+from .pretrained import load_initial_weights
 from .sieve import DataSieve
 from .sparsity.dst import UpdateSchedule, dense_gradient, get_algorithm
 from device_runner import run_lock
@@ -69,7 +70,9 @@ class Trainer:
     """Holds every stateful piece of a run; ``state_dict`` makes resume exact."""
 
     def __init__(self, config: TrainConfig, out: Path, data: DatasetSplit | None = None,
-                 dist_ctx: DistContext | None = None, device: torch.device | None = None):
+                 dist_ctx: DistContext | None = None, device: torch.device | None = None,
+                 initial_weights: bool = True):
+        """``initial_weights=False`` on resume: the checkpoint, not --init-from, has the weights."""
         self.config = config.validate()
         self.out = Path(out)
         self.dist = dist_ctx or DistContext()
@@ -87,7 +90,11 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.model: BlockModel = create_model(config.model, num_classes=self.data.num_classes,
-                                                  width=config.width, cifar_stem=config.cifar_stem)
+                                                  width=config.width, cifar_stem=config.cifar_stem,
+                                                  bn_momentum=config.bn_momentum)
+        self.init_report = None
+        if config.init_from is not None and initial_weights:
+            self.init_report = load_initial_weights(self.model, Path(config.init_from))
         # Every rank draws the same streams: data order, masks and growth stay in lockstep.
         self.data_generator = torch.Generator().manual_seed(config.seed + 1)
         self.mask_generator = torch.Generator().manual_seed(config.seed + 2)   # initial masks
@@ -95,7 +102,11 @@ class Trainer:
 
         size = self.data.input_size
         self.profile = cost.profile_model(self.model, (3, size, size))
-        self.masks = MaskSet.random(self.model, config.sparsity, config.distribution, self.mask_generator)
+        if self.init_report is not None:   # trained weights say which connections matter
+            self.masks = MaskSet.magnitude(self.model, config.sparsity, config.distribution)
+        else:
+            self.masks = MaskSet.random(self.model, config.sparsity, config.distribution,
+                                        self.mask_generator)
         self.model.to(self.device)
         self.masks.apply(self.model)
         self.masks.attach(self.model)
@@ -441,6 +452,8 @@ class Trainer:
         barrier(self.dist)
 
 
+SHORT_RUN_BN_MOMENTUM = 0.1   # PyTorch's default; the built-in models use it
+
 RESUME_MAY_CHANGE = {"device", "threads"}  # where a run executes, not what it computes
 
 
@@ -482,6 +495,14 @@ def start(config: TrainConfig, out: Path) -> Trainer:
             lock.release()
         raise
     trainer.run_lock = lock  # held while the trainer lives; released by the kernel at exit
+    if trainer.init_report is not None and ctx.is_main:
+        print(trainer.init_report.line())
+    slowest = slowest_bn_momentum(trainer.model)
+    if slowest is not None and slowest < SHORT_RUN_BN_MOMENTUM and config.epochs < 100 and ctx.is_main:
+        print(f"warning: {config.model} moves its BatchNorm running statistics with momentum {slowest:g} "
+              f"(set for schedules of hundreds of epochs); in {config.epochs} epochs they lag the weights "
+              f"and evaluation suffers: pass --bn-momentum {SHORT_RUN_BN_MOMENTUM:g} (docs/models.md)",
+              file=sys.stderr)
     torch.manual_seed(config.seed + 3)  # dropout (mobilenet_v2) draws from the global RNG
     return trainer
 
@@ -500,7 +521,7 @@ def resume(out: Path, overrides: dict | None = None) -> Trainer:
     ctx, device = _distributed(config)
     lock = _lock(Path(out)) if ctx.is_main else None
     try:
-        trainer = Trainer(config, Path(out), dist_ctx=ctx, device=device)
+        trainer = Trainer(config, Path(out), dist_ctx=ctx, device=device, initial_weights=False)
         trainer.load_state_dict(state)
     except BaseException:
         if lock is not None:

@@ -56,3 +56,27 @@ def test_wall_vs_flops_quick(tmp_path, capsys):
     assert {"cpu_freeze_vs_sparse_flops", "wall_sieve_vs_dense_flops"} <= set(result["fits"])
     assert result["fits"]["cpu_freeze_vs_sparse_flops"]["slope"] is not None
     assert "CPU ratio" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_own_models_quick(tmp_path, capsys):
+    """benchmarks/own_models.py on a generated class-folder set: every step (host training,
+    export, host evaluation, device training, device evaluation) runs and the table is filled."""
+    import numpy as np
+    from PIL import Image
+
+    data = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for label in range(10):
+        folder = data / f"class{label}"
+        folder.mkdir(parents=True)
+        for i in range(40):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    result = load("own_models").main(["--quick", "--models", "docs/examples/tiny_cnn.py:tiny_cnn",
+                                      "--data-dir", str(data), "--work", str(tmp_path / "work"),
+                                      "--out", str(tmp_path / "out")])
+    (row,) = result["table"]
+    assert row["model"] == "docs/examples/tiny_cnn.py:tiny_cnn"
+    assert row["bundle_mb"] > 0 and 0.0 <= row["host_top1"] <= 1.0 and 0.0 <= row["device_top1"] <= 1.0
+    assert row["device_stages"] and row["device_stages"][0]["step_p50_ms"] > 0
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["table"] == result["table"]

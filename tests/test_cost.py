@@ -1,6 +1,8 @@
 """Cost model: hand counts on a 2-block CNN, FlopCounterMode parity, autograd parity."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -78,8 +80,21 @@ def test_tiny_memory_by_hand(tiny, num_frozen, densities, expected):
 
 
 @pytest.mark.parametrize("name, width", [
-    ("resnet32", 0.5), ("resnet18", 0.25), ("mobilenet_v2", 0.35)])
-def test_forward_flops_match_flop_counter(name, width):
+    ("resnet32", 0.5), ("resnet18", 0.25), ("mobilenet_v2", 0.35),
+    # the contract table's library models (tests/test_model_contract.py): grouped and
+    # depthwise convolutions, squeeze-and-excitation, channel shuffles
+    ("torchvision:mobilenet_v3_small", 0.5), ("torchvision:efficientnet_b0", None),
+    ("torchvision:shufflenet_v2_x1_0", None), ("torchvision:regnet_y_400mf", None),
+    ("torchvision:squeezenet1_1", None), ("torchvision:resnet50", None),
+    ("timm:mobilenetv3_small_100", None), ("timm:efficientnet_lite0", None),
+    ("docs/examples/tiny_cnn.py:tiny_cnn", None)])
+def test_forward_flops_match_flop_counter(name, width, monkeypatch):
+    from spfde_edge import user_models
+
+    if name.startswith("timm:"):
+        pytest.importorskip("timm")
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    user_models.allow(name)
     model = create_model(name, width=width)
     profile = cost.profile_model(model, (3, 32, 32))
     counter = FlopCounterMode(display=False)

@@ -532,13 +532,22 @@ def test_convolution_backward_rule_equals_autograd(kernel, stride, padding, dila
     assert torch.allclose(gb, b.grad, atol=1e-10)
 
 
-def test_grouped_convolution_is_refused_by_the_step_graph():
+@pytest.mark.parametrize("in_ch, out_ch, groups, stride, kernel", [
+    (4, 4, 2, 1, 3), (6, 12, 3, 2, 3), (8, 8, 4, 2, 1),   # grouped (RegNet, ResNeXt, ShuffleNet)
+    (4, 8, 4, 1, 3), (4, 8, 4, 2, 5)])                    # depthwise with a channel multiplier
+def test_grouped_convolution_backward_equals_autograd(in_ch, out_ch, groups, stride, kernel):
     from spfde_edge.export.step_graph import convolution_backward
 
-    x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 2, 3, 3)
-    with pytest.raises(NotImplementedError, match="groups=2"):
-        convolution_backward(torch.randn(1, 4, 3, 3), x, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 2,
-                             [False, True, False])
+    torch.manual_seed(0)
+    x = torch.randn(2, in_ch, 7, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(out_ch, in_ch // groups, kernel, kernel, dtype=torch.float64, requires_grad=True)
+    out = torch.nn.functional.conv2d(x, w, None, stride, kernel // 2, 1, groups)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    gi, gw, _ = convolution_backward(grad_out, x.detach(), w.detach(), None, [stride] * 2, [kernel // 2] * 2,
+                                     [1, 1], False, [0, 0], groups, [True, True, False])
+    assert torch.allclose(gi, x.grad, atol=1e-10)
+    assert torch.allclose(gw, w.grad, atol=1e-10)
 
 
 def test_step_graph_runs_on_plain_onnxruntime_at_any_batch_and_matches_ort_training(bundle):

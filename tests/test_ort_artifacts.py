@@ -161,17 +161,42 @@ def test_relu6_with_masked_channels_trains_like_pytorch(tmp_path):
     exactly at ReLU6's lower bound, where PyTorch passes no gradient. ORT's gradient of one
     ``Clip(0, 6)`` passed it (gradients ~600x off); the artifacts lower ReLU6 as
     ``clamp(relu(x), max=6)`` (suffix.ReluThenClampReLU6)."""
-    from spfde_edge.export.block_bundle import check_boundary
-    from spfde_edge.export.source import without_dropout
     from spfde_edge.sparsity.masks import MaskSet
 
     torch.manual_seed(0)
     model = create_model("mobilenet_v2", num_classes=10, width=0.25)
     MaskSet.random(model, 0.9, "uniform", torch.Generator().manual_seed(1)).apply(model)
+    _assert_one_ort_step_like_pytorch(model, tmp_path)
+
+
+def test_hardswish_and_squeeze_excitation_with_masked_channels_train_like_pytorch(tmp_path):
+    """mobilenet_v3_small: ONNX Runtime training has no gradient for HardSwish or HardSigmoid;
+    the artifacts build them from Relu and Clip (suffix.ReluClampHardswish/Hardsigmoid),
+    whose gradients are PyTorch's, also where fully masked channels sit at a constant."""
+    from torch import nn
+
+    from spfde_edge.sparsity.masks import MaskSet
+
+    torch.manual_seed(0)
+    model = create_model("torchvision:mobilenet_v3_small", num_classes=10, width=0.5)
+    masks = MaskSet.random(model, 0.9, "uniform", torch.Generator().manual_seed(1))
+    masks.apply(model)
+    dead = [n for n, m in masks.masks.items() if m.dim() == 4 and (m.flatten(1).sum(1) == 0).any()]
+    assert dead, "the case needs convolutions with fully masked output channels"
+    assert any(isinstance(m, nn.Hardswish) for m in model.modules())
+    assert any(isinstance(m, nn.Hardsigmoid) for m in model.modules())
+    _assert_one_ort_step_like_pytorch(model, tmp_path)
+
+
+def _assert_one_ort_step_like_pytorch(model, folder):
+    """One ORT training step at boundary 0 of ``model`` (dropout off) against float64 PyTorch."""
+    from spfde_edge.export.block_bundle import check_boundary
+    from spfde_edge.export.source import without_dropout
+
     without_dropout(model)
     model.eval()
     example = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     labels = torch.randint(0, 10, (4,), generator=torch.Generator().manual_seed(3))
-    artifacts = export_training_artifacts(model, [0], example, tmp_path)
-    parity = check_boundary(model, artifacts[0], example, labels, tmp_path)
+    artifacts = export_training_artifacts(model, [0], example, folder)
+    parity = check_boundary(model, artifacts[0], example, labels, folder)
     assert parity["ort_loss_rel"] < 1e-4 and parity["ort_grads_rel"] < 1e-3, parity

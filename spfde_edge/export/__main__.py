@@ -27,8 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m spfde_edge.export --from-device runs/dev --format pte --out model.pte",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_argument_group("what to export (one of)")
-    what.add_argument("--model", help="registered model name (fresh weights), or a check that "
-                                      "--checkpoint holds this model")
+    what.add_argument("--model", metavar="NAME",
+                      help="fresh weights of a registered model, torchvision:NAME, timm:NAME or your own "
+                           "package.module:factory / file.py:factory (docs/models.md); with --checkpoint, "
+                           "a check that it holds this model (and leave to import your own model's code)")
     what.add_argument("--checkpoint", metavar="PATH",
                       help="checkpoint.pt written by spfde_edge.train (or its run folder)")
     what.add_argument("--from-device", metavar="RUN",
@@ -61,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     bundle.add_argument("--no-step-graph", dest="step_graph", action="store_false",
                         help="format 1: skip step.onnx, the standard-ONNX training step that plain "
                              "onnxruntime runs (needed on aarch64; adds about a minute per stage)")
+    bundle.add_argument("--no-ort-training", dest="ort_training", action="store_false",
+                        help="format 2: leave out the ONNX Runtime training artifacts (for a model with a "
+                             "layer ONNX Runtime training has no gradient for); the device trains on the "
+                             "block chain, which any ONNX Runtime build runs")
     bundle.add_argument("--seed", type=int, default=0,
                         help="seed of a fresh model's weights and masks, and of the parity batches (default 0)")
     bundle.add_argument("--parity-steps", type=int,
@@ -74,9 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --inspect: check the signature against the NAME.pub keys in DIR")
     fresh = p.add_argument_group("fresh model only (a checkpoint carries its own)")
     fresh.add_argument("--num-classes", type=int, help="default 10")
+    fresh.add_argument("--bn-momentum", type=float,
+                       help="BatchNorm running-statistics momentum the device keeps (default: the model's own; "
+                            "0.1 for a short run of a model set for hundreds of epochs, docs/models.md)")
+    fresh.add_argument("--init-from", metavar="PATH",
+                       help="pretrained weights (a state dict or .safetensors, e.g. torchvision's or timm's); "
+                            "masks keep each layer's largest weights, the head is re-initialised when the "
+                            "class count differs")
     fresh.add_argument("--width", type=float, help="channel multiplier (default: the model's)")
     fresh.add_argument("--imagenet-stem", dest="cifar_stem", action="store_false",
-                       help="ImageNet stem (7x7/2 conv + max-pool) instead of the CIFAR stem")
+                       help="ImageNet stem (resnet18: 7x7/2 conv + max-pool; a library model as published) instead of the CIFAR stem (first conv stride 1)")
     fresh.add_argument("--sparsity", type=float, help="fraction of zero weights, first conv dense (default 0.9)")
     fresh.add_argument("--distribution", choices=("uniform", "erk"), help="per-layer sparsity (default uniform, as the trainer)")
     fresh.add_argument("--freeze-flops", type=float,
@@ -99,12 +112,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from device_runner.errors import TrustError
 
+    from spfde_edge.user_models import allow
+
     from . import BundleError, ExportOptions, ParityError, export_bundle, inspect_bundle
+
+    allow(args.model)  # named on this command line: its code may be imported
 
     try:
         if args.from_device is not None or args.format == "pte":
-            if args.from_device is None or args.format != "pte" or args.model or args.checkpoint or args.inspect:
-                raise BundleError("--from-device RUN goes with --format pte alone; for a bundle, bring the run "
+            if args.from_device is None or args.format != "pte" or args.checkpoint or args.inspect:
+                raise BundleError("--from-device RUN goes with --format pte (and --model for your own model's code) only; for a bundle, bring the run "
                                   "home first (python -m spfde_edge.import RUN --out runs/x) and export "
                                   "--checkpoint runs/x")
             from .trained import export_trained_pte
@@ -120,11 +137,12 @@ def main(argv: list[str] | None = None) -> int:
         options = ExportOptions(
             model=args.model, checkpoint=args.checkpoint, out=args.out, stages=args.stages,
             batch_size=args.batch_size, input_size=args.input_size, num_classes=args.num_classes,
-            width=args.width, cifar_stem=args.cifar_stem, sparsity=args.sparsity,
+            width=args.width, cifar_stem=args.cifar_stem, init_from=args.init_from,
+            bn_momentum=args.bn_momentum, sparsity=args.sparsity,
             distribution=args.distribution, freeze_flops=args.freeze_flops, epochs=args.epochs,
             delta_tau=args.delta_tau, seed=args.seed, force=args.force, opset=args.opset,
             parity_steps=10 if args.parity_steps is None else args.parity_steps, step_graph=args.step_graph,
-            bundle_format=args.bundle_format)
+            bundle_format=args.bundle_format, ort_training=args.ort_training)
         if args.bundle_format == 2 and args.parity_steps is not None:
             raise BundleError("--parity-steps applies to format 1 (its ORT steps per stage); format 2 checks "
                               "every block's programs and one ORT step on every export (drop --parity-steps)")

@@ -31,6 +31,7 @@ backward needs is read from ``grad_y`` again instead of being saved.
 """
 from __future__ import annotations
 
+import operator
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -212,6 +213,12 @@ def _split_joint(joint, parameters: list[str], running: list[str], local: str) -
         raise RuntimeError("the block's forward depends on its incoming gradient")
     backward_roots = [grads[n] for n in parameters] + [grad_x]
     backward_set = _ancestors(backward_roots) - forward_set
+    # A forward op with several outputs (max-pool's values and indices) is saved through its
+    # projections: an ONNX graph passes tensors, not tuples.
+    projections = {n for n in backward_set if n.op == "call_function" and n.target is operator.getitem
+                   and n.args[0] in forward_set}
+    forward_set |= projections
+    backward_set -= projections
     saved = [n for n in gm.graph.nodes if n in forward_set and n.op == "call_function"
              and not _is_symbolic(n) and any(u in backward_set for u in n.users)]
     recomputed_sym = {n for n in forward_set if n.op == "call_function" and _is_symbolic(n)

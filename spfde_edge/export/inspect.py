@@ -6,7 +6,7 @@ from pathlib import Path
 from device_runner.bundle import load_bundle
 from device_runner.manifest import Manifest
 
-from .parity import parity_line
+from .parity import grads_summary, parity_line
 
 
 def model_identity(name: str, width: float | None, num_classes: int, cifar_stem: bool) -> str:
@@ -37,7 +37,7 @@ def summary_v2(manifest, root: Path) -> str:
         lines.append(f"{block.index:>5} {block.name:<12} {'x'.join(str(d) for d in block.input.shape[1:]):>14} "
                      f"{_mb(size):>10} {flops.prefix_forward / 1e9:>8.4f} "
                      f"{(flops.suffix_forward + flops.suffix_backward) / 1e9:>9.4f}  "
-                     f"infer {block.parity['infer_rel']:.1e} grads {block.parity['grads_rel']:.1e}")
+                     f"infer {block.parity['infer_rel']:.1e} {grads_summary(block.parity)}")
     return "\n".join(lines)
 
 

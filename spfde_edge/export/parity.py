@@ -61,3 +61,15 @@ def check_ir_versions(folder: Path) -> None:
 
 def parity_line(parity: dict[str, float]) -> str:
     return " ".join(f"{short} {parity[key]:.1e}" for key, short in _SHOWN.items() if key in parity)
+
+
+def grads_summary(parity: dict[str, float]) -> str:
+    """``grads 1.2e-06``: the worst tensor's error against float64 PyTorch. Where that tensor is
+    ill-conditioned (PyTorch float32 is itself above the gradient tolerance: a gradient that is
+    exactly 0 in exact arithmetic, a near-cancelling BatchNorm bias), the error of all the
+    block's gradients as one vector is shown, and the worst tensor's against float32's own."""
+    host = parity.get("grads_torch32_rel")
+    if host is None or host <= 1e-3 or "grads_all_rel" not in parity:
+        return f"grads {parity['grads_rel']:.1e}"
+    return (f"grads {parity['grads_all_rel']:.1e} (worst tensor {parity['grads_rel']:.0e}, "
+            f"PyTorch float32 {host:.0e})")

@@ -20,13 +20,14 @@ from device_runner import signing
 from device_runner.errors import BundleError
 from device_runner.manifest import MANIFEST_NAME, read_manifest, write_manifest
 from spfde_edge import cost
+from spfde_edge.models import folder_name
 
 from . import manifest as manifest_io
 from . import prefix as prefix_io
 from . import step_graph as step_io
 from . import suffix as suffix_io
 from .inspect import model_identity, summary
-from .parity import check_ir_versions, check_parity, parity_line
+from .parity import check_ir_versions, check_parity, grads_summary, parity_line
 from .source import Source, load_source, resolve_stages, without_dropout
 
 
@@ -46,6 +47,8 @@ class ExportOptions:
     num_classes: int | None = None    # fresh model only (default 10)
     width: float | None = None        # fresh model only
     cifar_stem: bool = True           # fresh model only
+    init_from: str | None = None      # fresh model only: pretrained weights (--init-from)
+    bn_momentum: float | None = None  # fresh model only: BatchNorm momentum (--bn-momentum)
     sparsity: float | None = None     # fresh model only (default FRESH_SPARSITY)
     distribution: str | None = None   # fresh model only (default FRESH_DISTRIBUTION)
     freeze_flops: float | None = None  # fresh model only (default FRESH_FREEZE_FLOPS)
@@ -60,6 +63,7 @@ class ExportOptions:
     parity_lr: float = 0.01
     bundle_format: int = 2            # 1: a graph set per stage (--stages); 2: one weight store +
                                       # per-block programs, every boundary (block_bundle.py)
+    ort_training: bool = True         # format 2: also the ORT training artifacts (--no-ort-training)
 
     def validate(self) -> "ExportOptions":
         """Refuse values that cannot work (BundleError naming the option); ``None`` means the
@@ -85,6 +89,9 @@ class ExportOptions:
             (self.bundle_format == 1 or self.stages is None,
              "--stages chooses the stages of a format-1 bundle (add --bundle-format 1); a format-2 "
              "bundle, the default, holds every block boundary (drop --stages)"),
+            (self.bundle_format == 2 or self.ort_training,
+             "--no-ort-training applies to format 2 (format 1's stages always carry ORT training "
+             "artifacts); drop it or export format 2"),
             (self.bundle_format == 1 or self.step_graph,
              "--no-step-graph applies to format 1 (its per-stage step.onnx); a format-2 bundle's "
              "block programs are its standard-ONNX step (drop --no-step-graph)"),
@@ -107,7 +114,7 @@ def export_bundle(options: ExportOptions, log: Callable[[str], None] = print,
     source = load_source(options)
     dropped = without_dropout(source.model)
     stages = resolve_stages(options.stages, source) if options.bundle_format == 1 else None
-    out = Path(options.out or Path("export") / source.config.model)
+    out = Path(options.out or Path("export") / folder_name(source.config.model))
     _check_out(out, source, options.force)
     batch_size = source.config.batch_size if options.batch_size is None else options.batch_size
     size = source.input_size if options.input_size is None else options.input_size
@@ -157,7 +164,7 @@ def _export_format_2(source: Source, options: ExportOptions, tmp: Path, example:
     weights, blocks, ort_training, parity, lowered = export_block_bundle(source, options, tmp, parity_example,
                                                                          batch_size, log)
     log(f"  {lowered} lowered programs for {len(blocks)} blocks; parity ok "
-        f"(chain logits {parity['chain_logits_max_abs']:.1e}, grads {parity['grads_rel']:.1e})")
+        f"(chain logits {parity['chain_logits_max_abs']:.1e}, {grads_summary(parity)})")
     relative = [str(p.relative_to(tmp)) for p in sorted(tmp.rglob("*")) if p.is_file()]
     files = manifest_io.file_table(tmp, relative)
     return manifest_io.build_manifest_v2(source, options, weights, blocks, ort_training, parity, TOLERANCES_V2,

@@ -13,7 +13,8 @@ from spfde_edge import cost
 from spfde_edge.checkpoint import load_checkpoint
 from spfde_edge.config import TrainConfig
 from spfde_edge.freezing import FreezePlan, freeze_schedule
-from spfde_edge.models import BlockModel, available_models, create_model
+from spfde_edge.models import BlockModel, check_model_name, create_model
+from spfde_edge.pretrained import load_initial_weights
 from spfde_edge.sparsity.masks import MaskSet
 
 if TYPE_CHECKING:
@@ -26,7 +27,7 @@ FRESH_DISTRIBUTION = "uniform"  # the trainer's default; see docs/bundle.md on E
 FRESH_FREEZE_FLOPS = 0.3
 
 _FRESH_ONLY = ("num_classes", "width", "sparsity", "distribution", "freeze_flops", "epochs",
-               "delta_tau")
+               "delta_tau", "init_from", "bn_momentum")
 
 
 @dataclass
@@ -54,24 +55,27 @@ def load_source(options: ExportOptions) -> Source:
     return _fresh_source(options)
 
 
-def without_dropout(model: nn.Module) -> list[str]:
-    """Replace every dropout layer of ``model`` by an identity, in place; returns their names.
+# Random regularisers, identities in eval mode: dropout, and stochastic depth (torchvision's
+# StochasticDepth, timm's DropPath/DropBlock) that drops whole residual branches per sample.
+_RANDOM_IN_TRAINING = ("StochasticDepth", "DropPath", "DropBlock2d")
 
-    The device trains without dropout: a random mask drawn by ONNX Runtime cannot be checked
+
+def without_dropout(model: nn.Module) -> list[str]:
+    """Replace every dropout and stochastic-depth layer of ``model`` by an identity, in place;
+    returns their names.
+
+    The device trains without them: a random mask drawn by ONNX Runtime cannot be checked
     against PyTorch's (every export checks one training step against PyTorch), and the two
-    runtimes' random streams differ anyway. Inference is unchanged (dropout is an identity in
-    eval mode); the host keeps its dropout when a run comes home.
+    runtimes' random streams differ anyway. Inference is unchanged (they are identities in
+    eval mode); the host keeps them when a run comes home.
     """
-    names = [name for name, module in model.named_modules() if isinstance(module, nn.Dropout)]
+    names = [name for name, module in model.named_modules()
+             if isinstance(module, nn.modules.dropout._DropoutNd)
+             or type(module).__name__ in _RANDOM_IN_TRAINING]
     for name in names:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, nn.Identity())
     return names
-
-
-def _check_model_name(name: str) -> None:
-    if name not in available_models():
-        raise BundleError(f"unknown model '{name}'; known models: {', '.join(available_models())}")
 
 
 def _checkpoint_source(options: ExportOptions) -> Source:
@@ -83,13 +87,13 @@ def _checkpoint_source(options: ExportOptions) -> Source:
     state = load_checkpoint(Path(options.checkpoint))
     config = TrainConfig.from_dict(state["config"])
     if options.model is not None:
-        _check_model_name(options.model)
+        check_model_name(options.model)
         if options.model != config.model:
             raise BundleError(f"checkpoint {options.checkpoint} is for model '{config.model}', "
                               f"not '{options.model}'; drop --model or pick the right checkpoint")
     classes = [str(c) for c in state["classes"]]
     model = create_model(config.model, num_classes=len(classes), width=config.width,
-                         cifar_stem=config.cifar_stem)
+                         cifar_stem=config.cifar_stem, bn_momentum=config.bn_momentum)
     if state.get("block_names", model.block_names) != model.block_names:
         raise BundleError(f"checkpoint blocks {state['block_names'][:3]}… do not match model "
                           f"'{config.model}'; it was written by another model definition")
@@ -114,7 +118,7 @@ def _checkpoint_source(options: ExportOptions) -> Source:
 
 
 def _fresh_source(options: ExportOptions) -> Source:
-    _check_model_name(options.model)
+    check_model_name(options.model)
     defaults = TrainConfig()
     config = TrainConfig(
         model=options.model, width=options.width, cifar_stem=options.cifar_stem,
@@ -124,15 +128,19 @@ def _fresh_source(options: ExportOptions) -> Source:
         sparsity=_given(options.sparsity, FRESH_SPARSITY),
         distribution=_given(options.distribution, FRESH_DISTRIBUTION),
         freeze_flops=_given(options.freeze_flops, FRESH_FREEZE_FLOPS),
-        seed=options.seed).validate()
+        init_from=options.init_from, bn_momentum=options.bn_momentum, seed=options.seed).validate()
     num_classes = _given(options.num_classes, 10)
     # Same seeding as the trainer: init under a forked global RNG, masks from seed + 2.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = create_model(config.model, num_classes=num_classes, width=config.width,
-                             cifar_stem=config.cifar_stem)
-    maskset = MaskSet.random(model, config.sparsity, config.distribution,
-                             torch.Generator().manual_seed(config.seed + 2))
+                             cifar_stem=config.cifar_stem, bn_momentum=config.bn_momentum)
+    if options.init_from is not None:  # as the trainer: trained weights pick the masks
+        print(load_initial_weights(model, Path(options.init_from)).line())
+        maskset = MaskSet.magnitude(model, config.sparsity, config.distribution)
+    else:
+        maskset = MaskSet.random(model, config.sparsity, config.distribution,
+                                 torch.Generator().manual_seed(config.seed + 2))
     maskset.apply(model)
     profile = cost.profile_model(model, (3, config.input_size, config.input_size))
     densities = maskset.layer_density()

@@ -71,16 +71,14 @@ def convolution_backward(grad_out, inp, weight, bias_sizes, stride, padding, dil
     * weight gradient: one matrix product per kernel tap between the output gradient and
       the input window that tap reads (both channels-first). The windows are cut from the unpadded input (no Pad
       node): padding the input made torch.export fix the batch size;
-    * depthwise convolutions (groups == channels) use per-channel products.
+    * depthwise convolutions (groups == channels) use per-channel products, other grouped
+      ones (RegNet, ResNeXt, ShuffleNet) one batched product per tap over the groups.
     """
     if transposed:
         raise NotImplementedError("transposed convolutions are not supported in the step graph")
     out_channels, in_per_group, kh, kw = weight.shape
     in_channels = inp.shape[1]
-    depthwise = groups > 1 and groups == in_channels and in_per_group == 1
-    if groups > 1 and not depthwise:
-        raise NotImplementedError(f"grouped convolution with groups={groups} (neither 1 nor depthwise) "
-                                  "is not supported in the step graph")
+    depthwise = groups > 1 and groups == in_channels == out_channels and in_per_group == 1
     grad_input = grad_weight = grad_bias = None
     if output_mask[0]:
         if all(s == 1 for s in stride) and groups == 1:
@@ -113,6 +111,10 @@ def convolution_backward(grad_out, inp, weight, bias_sizes, stride, padding, dil
                           ci:ci + stride[1] * (c1 - c0) + 1:stride[1]]
                 if depthwise:
                     taps.append((g * x).sum(dim=(1, 2, 3)).unsqueeze(1))
+                elif groups > 1:   # one product per group, batched: (G, out/G, ·) @ (G, ·, in/G)
+                    per_group = g.reshape(groups, out_channels // groups, -1) @ \
+                        x.reshape(groups, in_per_group, -1).transpose(1, 2)
+                    taps.append(per_group.reshape(out_channels, in_per_group))
                 else:
                     taps.append(g.reshape(out_channels, -1) @ x.reshape(in_channels, -1).t())
         grad_weight = torch.stack(taps, dim=-1).reshape(out_channels, in_per_group, kh, kw)

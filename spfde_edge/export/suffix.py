@@ -56,16 +56,19 @@ class MaskedLinear(nn.Linear):
         return F.linear(x, self.weight * self.weight_mask.to(self.weight.dtype), self.bias)
 
 
-class StatsBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d that also reports the batch mean and unbiased variance of its input."""
+class BatchStatsSink:
+    """Collects the batch mean and unbiased variance of each BatchNorm's input (a forward
+    pre-hook, so BatchNorm2d subclasses such as timm's BatchNormAct2d work too)."""
 
-    sink: list[torch.Tensor] | None = None
+    def __init__(self) -> None:
+        self.values: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sink is not None:
-            self.sink.append(x.mean(dim=(0, 2, 3)))
-            self.sink.append(x.var(dim=(0, 2, 3), unbiased=True))
-        return super().forward(x)
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        if self.values is not None:
+            if id(module) in self.values:
+                raise NotImplementedError("a BatchNorm called twice in one forward is not supported")
+            x = args[0]
+            self.values[id(module)] = (x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=True))
 
 
 class ReluThenClampReLU6(nn.ReLU6):
@@ -76,6 +79,27 @@ class ReluThenClampReLU6(nn.ReLU6):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.clamp(torch.relu(x), max=self.max_val)
+
+
+class ReluClampHardsigmoid(nn.Hardsigmoid):
+    """Hardsigmoid as ``clamp(relu(x + 3), max=6) / 6``: ONNX Runtime registers no gradient
+    for ``HardSigmoid``; through ``Relu`` its gradient is zero at -3, as PyTorch's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(torch.relu(x + 3.0), max=6.0) / 6.0
+
+
+class ReluClampHardswish(nn.Hardswish):
+    """Hardswish as ``x * hardsigmoid(x)`` built from Relu and Clip (no ``HardSwish`` gradient
+    in ONNX Runtime); its gradient x/3 + 1/2 on (-3, 3) is PyTorch's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (torch.clamp(torch.relu(x + 3.0), max=6.0) / 6.0)
+
+
+# Activations lowered to ops whose gradients ONNX Runtime has and that agree with PyTorch's.
+ORT_LOWERINGS = {nn.ReLU6: "ReluThenClampReLU6", nn.Hardsigmoid: "ReluClampHardsigmoid",
+                 nn.Hardswish: "ReluClampHardswish"}
 
 
 class TrainableSuffix(nn.Module):
@@ -92,32 +116,32 @@ class TrainableSuffix(nn.Module):
         for index in range(k, len(model.blocks)):
             self.blocks.add_module(str(index), copy.deepcopy(model.blocks[index]))
         self.mask_names: list[str] = []
-        self.batchnorms: list[tuple[str, StatsBatchNorm2d]] = []
+        self.batchnorms: list[tuple[str, nn.BatchNorm2d]] = []
+        self.sink = BatchStatsSink()
         for name, module in self.named_modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)) and f"{name}.weight" in masks:
                 module.__class__ = MaskedConv2d if isinstance(module, nn.Conv2d) else MaskedLinear
                 module.register_buffer("weight_mask", masks[f"{name}.weight"].to(torch.uint8).clone())
                 self.mask_names.append(f"{name}.weight{MASK_SUFFIX}")
-            elif type(module) is nn.BatchNorm2d:
-                module.__class__ = StatsBatchNorm2d
+            elif isinstance(module, nn.BatchNorm2d):
+                module.register_forward_pre_hook(self.sink)
                 self.batchnorms.append((name, module))
-            elif type(module) is nn.ReLU6:
-                module.__class__ = ReluThenClampReLU6
+            elif type(module) in ORT_LOWERINGS:
+                module.__class__ = globals()[ORT_LOWERINGS[type(module)]]
             elif isinstance(module, nn.modules.batchnorm._BatchNorm):
                 raise NotImplementedError(f"{type(module).__name__} at {name} is not supported "
                                           "by the suffix export (only BatchNorm2d)")
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        sink: list[torch.Tensor] = [] if self.training else None
-        for _, bn in self.batchnorms:
-            bn.sink = sink
+        self.sink.values = {} if self.training else None
         try:
             for block in self.blocks.children():
                 x = block(x)
+            # in the order of stat_output_names, whatever order the blocks call them in
+            stats = [t for _, bn in self.batchnorms for t in self.sink.values[id(bn)]] if self.training else []
         finally:
-            for _, bn in self.batchnorms:
-                bn.sink = None
-        return (x, *(sink or []))
+            self.sink.values = None
+        return (x, *stats)
 
     def stat_output_names(self) -> list[str]:
         return [f"{name}.batch_{kind}" for name, _ in self.batchnorms for kind in ("mean", "var")]
@@ -149,17 +173,13 @@ class SuffixArtifacts:
 
 @contextlib.contextmanager
 def _quiet_native_stderr():
-    """ORT's gradient builder logs every graph pass to fd 2; keep it, show it only on error."""
+    """ORT's gradient builder logs every graph pass to fd 2: silenced. Its failures raise with
+    the reason (the exporter turns them into one line naming the operator and the block)."""
     saved = os.dup(2)
     with tempfile.TemporaryFile() as sink:
         os.dup2(sink.fileno(), 2)
         try:
             yield
-        except BaseException:
-            os.dup2(saved, 2)
-            sink.seek(0)
-            os.write(2, sink.read()[-4000:])
-            raise
         finally:
             os.dup2(saved, 2)
             os.close(saved)

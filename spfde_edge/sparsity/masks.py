@@ -121,16 +121,28 @@ class MaskSet:
     def random(cls, model: nn.Module, sparsity: float, distribution: str,
                generator: torch.Generator) -> "MaskSet":
         """Random masks with exact per-layer zero counts; does not touch the model."""
+        return cls._removing_first(model, sparsity, distribution, lambda weight: torch.randperm(
+            weight.numel(), generator=generator, device=generator.device).to(weight.device))
+
+    @classmethod
+    def magnitude(cls, model: nn.Module, sparsity: float, distribution: str) -> "MaskSet":
+        """Keep each layer's largest |w| at its target density (a pretrained start: its
+        trained weights say which connections matter); ties broken by position."""
+        return cls._removing_first(model, sparsity, distribution,
+                                   lambda weight: torch.argsort(weight.detach().abs().flatten(), stable=True))
+
+    @classmethod
+    def _removing_first(cls, model: nn.Module, sparsity: float, distribution: str, order) -> "MaskSet":
+        """Per layer, mask out the first ``zeros`` positions of ``order(weight)`` (flat indices)."""
         sparsity = validate_sparsity(sparsity)
         weights, dense = maskable_weights(model)
         zeros = target_zero_counts({n: tuple(w.shape) for n, w in weights.items()},
                                    sparsity, distribution)
         masks = {}
         for name, weight in weights.items():
-            order = torch.randperm(weight.numel(), generator=generator, device=generator.device)
-            flat = torch.ones(weight.numel(), dtype=torch.bool)
-            flat[order[: zeros[name]].cpu()] = False
-            masks[name] = flat.view(weight.shape).to(weight.device)
+            flat = torch.ones(weight.numel(), dtype=torch.bool, device=weight.device)
+            flat[order(weight)[: zeros[name]]] = False
+            masks[name] = flat.view(weight.shape)
         return cls(masks, zeros, sparsity, distribution, dense)
 
     # -- applying masks -------------------------------------------------------------------
