@@ -178,7 +178,7 @@ def test_user_code_is_imported_only_when_named_on_the_command_line(tmp_path, mon
     assert not marker.exists()
 
 
-def test_export_of_a_checkpoint_naming_user_code_needs_model(tmp_path, monkeypatch):
+def test_export_of_a_checkpoint_naming_user_code_needs_model(tmp_path, monkeypatch, capsys):
     """The CLI path: a run of a user model exports only with --model NAME given again."""
     import torch
 
@@ -195,7 +195,9 @@ def test_export_of_a_checkpoint_naming_user_code_needs_model(tmp_path, monkeypat
     state["config"]["model"] = "cnn2.py:tiny_cnn"   # as a crafted checkpoint would
     (tmp_path / "cnn2.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w')\n")
     torch.save(state, run / "checkpoint.pt")
+    capsys.readouterr()
     assert export_main(["--checkpoint", str(run), "--out", str(tmp_path / "b")]) == 2
+    assert "pass --model cnn2.py:tiny_cnn to import its code" in capsys.readouterr().err
     assert not (tmp_path / "ran").exists()
 
 
@@ -270,3 +272,16 @@ def test_short_runs_of_slow_batchnorm_models_are_warned_and_can_set_the_momentum
     assert "--bn-momentum" not in capsys.readouterr().err
     assert train.main([*common, "--bn-momentum", "1.5", "--out", str(tmp_path / "c")]) == 2
     assert "--bn-momentum must be in (0, 1)" in capsys.readouterr().err
+
+
+def test_parity_allowance_applies_only_to_tensors_with_a_float32_record():
+    """The float32 allowance (``*_excess`` <= 1) relaxes the keys it was computed for, never
+    the chained logits or the ORT loss."""
+    from spfde_edge.export.block_bundle import _check
+    from spfde_edge.export.parity import ParityError
+
+    _check("ok", {"grads_rel": 0.5, "grads_excess": 0.9})
+    for bad in ({"grads_rel": 0.5, "grads_excess": 1.5}, {"grads_rel": 0.5},
+                {"chain_logits_max_abs": 0.5}, {"ort_loss_rel": 0.5, "ort_grads_excess": 0.1}):
+        with pytest.raises(ParityError):
+            _check("block 0", bad)
