@@ -156,12 +156,15 @@ class Runner:
         self.memory_stop_reason = ""
 
     # --- the current stage (owned by self.pipeline) ------------------------------------------
-    def new_pipeline(self, position: int = 0, frozen_params: dict | None = None) -> StagePipeline:
+    def new_pipeline(self, position: int = 0, frozen_params: dict | None = None,
+                     precisions: list[dict] | None = None) -> StagePipeline:
         """The stage pipeline at ``starts[position]``; its disk cache goes to the profile's
-        cache_dir, else into the run folder."""
+        cache_dir, else into the run folder. ``precisions``: the frozen segments' as chosen
+        before (a resumed run)."""
         cache_dir = Path(self.profile.cache_dir).expanduser() if self.profile.cache_dir else self.out / "cache"
         return StagePipeline(self.bundle, self.profile, self.data, self.starts, self.suffix_class, cache_dir,
-                             position, frozen_params)
+                             position, frozen_params, train_idx=self.train_idx, heldout_idx=self.val_idx,
+                             precisions=precisions)
 
     @property
     def stage_pos(self) -> int:
@@ -193,10 +196,20 @@ class Runner:
     def _enter_stage(self, position: int) -> None:
         """Move to ``starts[position]``: new suffix artifacts with the trained state carried over."""
         old_k = self.stage_k
+        chosen = len(self.pipeline.precisions)
         self.trainer = self.pipeline.enter_stage(position, self.trainer)
         new_k = self.stage_k
         self._event("stage", f"stage {old_k} -> {new_k}: blocks {old_k}..{new_k - 1} frozen with their "
                     "device-trained weights; weights, masks, BN statistics and momentum carried")
+        self._precision_events(self.pipeline.precisions[chosen:])
+
+    def _precision_events(self, records: list[dict]) -> None:
+        for record in records:
+            first, last = record["blocks"]
+            measured = (f"; held-out top-1 {record['top1_float32']:.2f}% float32, {record['top1_int8']:.2f}% int8"
+                        if "top1_int8" in record else "")
+            self._event("prefix_precision", f"frozen blocks {first}..{last} run in {record['precision']} "
+                        f"({record['why']}{measured})")
 
     # --- setup: the pieces start, resume and dry_run share -----------------------------------
     def prepare(self) -> budget.BatchPlan:
@@ -205,6 +218,7 @@ class Runner:
                                  self.profile.cores)
         self.pipeline = self.new_pipeline()
         self.trainer = self.pipeline.new_trainer()
+        self._precision_events(self.pipeline.settle_precisions(self.trainer))
         self.mask_targets = dst.target_zeros(self.trainer)
         plan = self.plan_batch()
         self.batch_size = plan.batch_size

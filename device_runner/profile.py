@@ -92,6 +92,7 @@ class Profile:
     checkpoint_every_steps: int
     suffix_backend: str = "auto"
     cache_dtype: str = "float16"        # float32 | float16 | int8 (device_runner/cache.py)
+    prefix_precision: str = "auto"      # auto | float32 | int8 (backends/frozen_segment.py)
     trusted_keys_dir: str | None = None  # trust.keys_dir, relative to the profile's folder
     raw: dict = field(default_factory=dict, compare=False)
 
@@ -155,6 +156,7 @@ def load_profile(spec: str, overrides: dict | None = None) -> Profile:
         cache_location=cache.get("location", "memory"), cache_dir=cache.get("dir"),
         cache_max_mb=float(cache.get("max_mb", 256)), cache_dtype=cache.get("dtype", "float16"),
         prefix_backend=raw.get("prefix_backend", "auto"),
+        prefix_precision=raw.get("prefix_precision", "auto"),
         checkpoint_every_steps=int(raw.get("checkpoint_every_steps", 200)),
         suffix_backend=raw.get("suffix_backend", "auto"),
         trusted_keys_dir=_keys_dir(path, raw.get("trust", {}).get("keys_dir")), raw=raw)

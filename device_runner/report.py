@@ -29,6 +29,8 @@ def build_report(runner) -> dict:
                    "signature": runner.bundle.signature},
         "backends": {"prefix": pipeline.prefix.name if pipeline is not None else None,
                      "prefix_choice": pipeline.prefix_choice if pipeline is not None else None,
+                     # per frozen segment: float32 or int8, why, held-out top-1 both ways
+                     "prefix_precisions": pipeline.precisions if pipeline is not None else [],
                      "suffix": f"{runner.trainer.name if runner.trainer else None}, SGD with momentum in numpy",
                      "suffix_choice": getattr(runner, "suffix_choice", None),
                      "onnxruntime": onnxruntime.__version__},

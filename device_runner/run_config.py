@@ -29,6 +29,7 @@ class RunConfig:
     energy_budget_j: float | None = None
     cache: str | None = None             # memory | disk | none (default: the profile's)
     cache_dtype: str | None = None       # float32 | float16 | int8 (default: the profile's)
+    prefix_precision: str | None = None  # auto | float32 | int8 (default: the profile's)
     checkpoint_every: int | None = None  # steps (default: the profile's)
     threads: int | None = None           # default: the profile's
     seed: int = 0
@@ -87,6 +88,8 @@ class RunConfig:
             overrides["cache.location"] = self.cache
         if self.cache_dtype is not None:
             overrides["cache.dtype"] = self.cache_dtype
+        if self.prefix_precision is not None:
+            overrides["prefix_precision"] = self.prefix_precision
         if self.threads is not None:
             overrides["budgets.threads"] = self.threads
         if self.suffix_backend is not None:

@@ -39,6 +39,7 @@ def snapshot(runner) -> tuple[dict, dict[str, np.ndarray]]:
         "position": runner.position, "stage_pos": runner.pipeline.position, "batch_size": runner.batch_size,
         "lr_scale": runner.lr_scale, "rollbacks": runner.rollbacks, "history": runner.history,
         "events": runner.events, "plan": runner.plan, "initial_eval": runner.initial_eval,
+        "prefix_precisions": runner.pipeline.precisions,
         "status": runner.status, "energy_j": runner.meter.joules, "global_peak_mb": runner.global_peak_mb,
         "energy_budget_j": runner.profile.energy_j,
         "rng": runner.rng.bit_generator.state,
@@ -70,6 +71,7 @@ def restore(runner, meta: dict, arrays: dict[str, np.ndarray], suffix_state: Pat
     runner.sieve.load_state_dict(sieve_state)
     runner.order = arrays.get("order")
     runner.stage_profiles = {int(k): StageProfile(**v) for k, v in meta["stage_profiles"].items()}
-    runner.pipeline = runner.new_pipeline(meta["stage_pos"], _with_prefix(arrays, "frozen/"))
+    runner.pipeline = runner.new_pipeline(meta["stage_pos"], _with_prefix(arrays, "frozen/"),
+                                          meta.get("prefix_precisions", []))
     runner.trainer = runner.pipeline.new_trainer(suffix_state)
     runner.trainer.momentum_buffers = _with_prefix(arrays, "momentum/")

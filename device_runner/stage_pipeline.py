@@ -8,10 +8,11 @@ it is cached per sample index (cache.py). Moving to the next stage carries the s
 weights, masks, BatchNorm statistics and momentum into the next stage's artifacts.
 
 A format-2 bundle has one model state (model_state.py) and per-block programs instead:
-the chain is :class:`~.backends.block_chain.InferChain` segments over the frozen blocks
+the chain is :class:`~.backends.frozen_segment.FrozenSegment` s over the frozen blocks
 (one per stage the run passed through, each rounded to the cache's precision like a
-bridge), and a stage change only moves ``k``: the next trainer shares the state, so
-nothing is copied and no graph is cut.
+bridge; constant weights, in int8 where the profile's ``prefix_precision`` allows), and a
+stage change only moves ``k``: the next trainer shares the state, so nothing is copied and
+no graph is cut.
 """
 from __future__ import annotations
 
@@ -21,8 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from .backends import executorch_prefix
-from .backends.block_chain import BlockSessions, InferChain
+from .backends.block_chain import BlockSessions
 from .backends.blocks import block_of
+from .backends.frozen_segment import (
+    CALIBRATION_SAMPLES,
+    FrozenSegment,
+    apply_recorded,
+    choose_precision,
+)
 from .backends.ort_prefix import OrtBridge, OrtPrefix, PrefixChain
 from .bundle import MASK_SUFFIX, Bundle
 from .cache import FeatureCache, round_trip
@@ -57,8 +64,14 @@ class StagePipeline:
 
     def __init__(self, bundle: Bundle, profile: Profile, data: DeviceData, starts: list,
                  suffix_class: type, cache_dir: Path, position: int = 0,
-                 frozen_params: dict[str, np.ndarray] | None = None):
+                 frozen_params: dict[str, np.ndarray] | None = None, train_idx: np.ndarray | None = None,
+                 heldout_idx: np.ndarray | None = None, precisions: list[dict] | None = None):
         self.bundle, self.profile, self.data = bundle, profile, data
+        # The int8 prefix's calibration samples (fixed: a resumed run rebuilds the same model)
+        # and the held-out samples its top-1 change is measured on.
+        empty = np.zeros(0, np.int64)
+        self.calibration_idx = np.sort(train_idx if train_idx is not None else empty)[:CALIBRATION_SAMPLES]
+        self.heldout_idx = heldout_idx if heldout_idx is not None else empty
         self.starts = starts
         self.suffix_class = suffix_class
         self.cache_dir = cache_dir
@@ -73,6 +86,14 @@ class StagePipeline:
                 self.state.assign(name, value)
             self.frozen_params = {name: self.state.array(name) for name in self.frozen_params}
         self.prefix = self._build_prefix()
+        self.precisions: list[dict] = []          # run state: one record per frozen segment
+        if precisions is not None:                # a resumed run: as chosen before
+            for position, segment in enumerate(self._segments()):
+                record = precisions[position] if position < len(precisions) else {
+                    "blocks": [segment.blocks[0].index, segment.blocks[-1].index], "precision": "float32",
+                    "why": "the run started before int8 prefixes"}
+                apply_recorded(segment, record, self._calibration_for(segment))
+                self.precisions.append(record)
         self.cache = self._new_cache()
 
     @property
@@ -90,8 +111,50 @@ class StagePipeline:
         return self.suffix_class(stage, self.profile.threads, suffix_state)
 
     # --- building ---------------------------------------------------------------------------
-    def _chain(self, k_from: int, k_to: int) -> InferChain:
-        return InferChain(self.bundle.blocks[k_from:k_to], self.state, self.sessions)
+    def _chain(self, k_from: int, k_to: int) -> FrozenSegment:
+        return FrozenSegment(self.bundle.blocks[k_from:k_to], self.state, self.profile.threads)
+
+    def _segments(self) -> list[FrozenSegment]:
+        """Format 2: the frozen segments of the prefix, first to last."""
+        parts = ([self.prefix.base] if self.prefix.base is not None else []) + list(self.prefix.bridges)
+        return [p for p in parts if isinstance(p, FrozenSegment)]
+
+    def _calibration_for(self, segment: FrozenSegment) -> np.ndarray:
+        """The segment's float32 input for the calibration samples."""
+        x = normalize(self.data.images[self.calibration_idx], self.bundle.mean, self.bundle.std)
+        for part in self._segments():
+            if part is segment:
+                return x
+            x = part.forward_exact(x)
+        raise ValueError("segment is not in the prefix")
+
+    def _heldout_top1(self, trainer) -> float | None:
+        """Held-out top-1 (percent) of ``trainer`` on features as training reads them."""
+        if self.heldout_idx.size == 0:
+            return None
+        correct = 0
+        for start in range(0, self.heldout_idx.size, 64):
+            idx = self.heldout_idx[start:start + 64]
+            x = normalize(self.data.images[idx], self.bundle.mean, self.bundle.std)
+            logits = trainer.eval_step(self.prefix.forward(x), self.data.labels[idx])[1]
+            correct += int((logits.argmax(1) == self.data.labels[idx]).sum())
+        return 100.0 * correct / self.heldout_idx.size
+
+    def settle_precisions(self, trainer) -> list[dict]:
+        """Choose the precision of every frozen segment not chosen yet (profile
+        ``prefix_precision``); the new records, for the run's events."""
+        new = []
+        for segment in self._segments()[len(self.precisions):]:
+            if self.data.images.shape[0] == 0 or self.calibration_idx.size == 0:
+                record = {"blocks": [segment.blocks[0].index, segment.blocks[-1].index], "precision": "float32",
+                          "wanted": self.profile.prefix_precision, "why": "no device data to calibrate int8 on"}
+            else:
+                record = choose_precision(segment, self.profile.prefix_precision, self._calibration_for(segment),
+                                          lambda: self._heldout_top1(trainer))
+            segment.decision = record
+            self.precisions.append(record)
+            new.append(record)
+        return new
 
     def _build_prefix(self) -> PrefixChain:
         if self.state is not None:
@@ -205,12 +268,13 @@ class StagePipeline:
         for block in self.bundle.blocks[old_k:new_k]:
             for name in block.parameters + block.running_stats + tuple(w + MASK_SUFFIX for w in block.masks):
                 self.frozen_params[name] = self.state.array(name)
-            self.sessions.release(block.index)
+            self.sessions.release(block.index, ("infer", "train", "backward", "backward_first"))
         self.sessions.release(new_k, ("backward",))   # the first trainable block runs backward_first
         successor = self.new_trainer()
         successor.momentum_buffers = {n: b for n, b in trainer.momentum_buffers.items() if block_of(n) >= new_k}
         segment = self._chain(old_k, new_k)
         self.prefix = PrefixChain(self.prefix.base, self.prefix.bridges + [segment], self._precision)
+        self.settle_precisions(successor)   # before the cache: features come from the chosen precision
         if self.cache.enabled:
             self.cache.transform(lambda features: self._precision(segment.forward(features)),
                                  feature_shape=self.bundle.stage(new_k).feature_shape)

@@ -8,6 +8,20 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _class_folders(data: Path, per_class: int) -> Path:
+    """Ten class folders of random 32x32 PNGs (``per_class`` each)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label in range(10):
+        folder = data / f"class{label}"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return data
+
+
 def load(name: str):
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -62,16 +76,7 @@ def test_wall_vs_flops_quick(tmp_path, capsys):
 def test_own_models_quick(tmp_path, capsys):
     """benchmarks/own_models.py on a generated class-folder set: every step (host training,
     export, host evaluation, device training, device evaluation) runs and the table is filled."""
-    import numpy as np
-    from PIL import Image
-
-    data = tmp_path / "images"
-    rng = np.random.default_rng(0)
-    for label in range(10):
-        folder = data / f"class{label}"
-        folder.mkdir(parents=True)
-        for i in range(40):
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    data = _class_folders(tmp_path / "images", 40)
     result = load("own_models").main(["--quick", "--models", "docs/examples/tiny_cnn.py:tiny_cnn",
                                       "--data-dir", str(data), "--work", str(tmp_path / "work"),
                                       "--out", str(tmp_path / "out")])
@@ -80,3 +85,40 @@ def test_own_models_quick(tmp_path, capsys):
     assert row["bundle_mb"] > 0 and 0.0 <= row["host_top1"] <= 1.0 and 0.0 <= row["device_top1"] <= 1.0
     assert row["device_stages"] and row["device_stages"][0]["step_p50_ms"] > 0
     assert json.loads((tmp_path / "out" / "results.json").read_text())["table"] == result["table"]
+
+
+def test_profile_step_puts_the_step_on_named_operators(bundle_v2_dir, tmp_path, capsys):
+    """benchmarks/profile_step.py on the shared format-2 bundle: ONNX Runtime's profiler per
+    program and operator, torch.profiler per aten operator, and the wall times beside them."""
+    result = load("profile_step").main(["--bundle", str(bundle_v2_dir), "--k", "12", "--batch", "16",
+                                        "--steps", "2", "--warmup", "1", "--threads", "1",
+                                        "--out", str(tmp_path)])
+    kernels = {(kind, op): ms for kind, op, ms in result["ort_kernels"]}
+    assert kernels[("train", "Conv")] > 0 and kernels[("backward", "Conv")] > 0
+    assert {kind for kind, _ in kernels} == {"train", "backward", "backward_first"}
+    assert 0 < result["ort_kernel_ms"] <= result["ort_model_run_ms"] <= result["chain_profiled_ms"]
+    assert "aten::convolution_backward" in dict(result["torch_ops"])
+    assert result["chain_ms"] > 0 and result["torch_ms"] > 0 and len(result["chain_ms_all"]) == 2
+    saved = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert saved["ort_kernels"] == result["ort_kernels"]
+    assert "| train | Conv |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_int8_prefix_quick(tmp_path, capsys):
+    """benchmarks/int8_prefix.py on a generated class-folder set: host training, export, then
+    the prefix fed / float32 / int8 timed and its top-1 measured at both split points."""
+    from device_runner.backends.frozen_segment import INT8_FEATURE_REL_ERROR
+
+    data = _class_folders(tmp_path / "images", 45)
+    result = load("int8_prefix").main(["--quick", "--data-dir", str(data), "--work", str(tmp_path / "work"),
+                                       "--out", str(tmp_path / "out")])
+    rows = result["rows"]
+    assert [r["k"] for r in rows] == [8, 11]
+    for row in rows:
+        assert row["fed_ms"] > 0 and row["float32_ms"] > 0 and row["int8_ms"] > 0
+        assert row["calibration_samples"] == 128 and row["test_images"] == 100
+        assert 0 < row["feature_rel_error"] <= INT8_FEATURE_REL_ERROR
+        assert row["float32_vs_fed_rel_error"] < 1e-4
+        assert abs(row["top1_change"] - (row["top1_int8"] - row["top1_float32"])) < 1e-9
+    assert "| resnet32 x0.5 | 8 |" in capsys.readouterr().out

@@ -191,26 +191,40 @@ def test_cached_features_are_the_recomputed_ones_after_a_freeze(bundle_v2_dir, t
 
 
 def test_a_stage_change_creates_at_most_one_session(bundle_v2_dir, tmp_path, monkeypatch):
-    """Freezing a block costs no export and no bridge: only the new first block's
-    backward_first (if no block of its structure had one) is new."""
+    """Freezing a block costs no export and no bridge: of the bundle's program files only the
+    new first block's backward_first (if no block of its structure had one) is loaded; the
+    newly frozen blocks get constant-weight sessions, float32 and (when chosen) int8."""
     from device_runner.backends import block_chain
     from device_runner.loop import start
 
     runner = start(config(bundle_v2_dir, tmp_path / "run"), log=quiet)
     features, *_ = runner.pipeline.features(runner.train_idx[:8])
     runner.trainer.train_step(features, runner.data.labels[runner.train_idx[:8]])
-    created = []
+    files, in_memory = [], []
     original = block_chain.onnxruntime.InferenceSession
-    monkeypatch.setattr(block_chain.onnxruntime, "InferenceSession",
-                        lambda path, *a, **k: created.append(Path(path).name) or original(path, *a, **k))
+
+    def counting(model, *a, **k):
+        if isinstance(model, bytes):
+            in_memory.append(1)
+        elif Path(model).resolve().is_relative_to(Path(runner.bundle.root).resolve()):
+            files.append(Path(model).name)     # (the int8 calibration runs from a temporary file)
+        return original(model, *a, **k)
+
+    monkeypatch.setattr(block_chain.onnxruntime, "InferenceSession", counting)
     for position in range(1, len(runner.starts)):
-        created.clear()
+        files.clear()
+        in_memory.clear()
+        old_k = runner.stage_k
         runner._enter_stage(position)
         idx = runner.train_idx[:8]
         features, *_ = runner.pipeline.features(idx)
         runner.trainer.train_step(features, runner.data.labels[idx])
         runner.trainer.eval_step(features, runner.data.labels[idx])
-        assert created in ([], ["backward_first.onnx"]), (runner.stage_k, created)
+        assert files in ([], ["backward_first.onnx"]), (runner.stage_k, files)
+        frozen = runner.stage_k - old_k
+        precision = runner.pipeline.precisions[-1]["precision"]
+        # float32 sessions, int8 ones, and the quantizer's own (BatchNorm folding, calibration)
+        assert len(in_memory) >= frozen * (2 if precision == "int8" else 1), (runner.stage_k, len(in_memory))
 
 
 def test_dense_gradients_and_rigl_keep_masked_weights_zero(bundle_v2_dir, tmp_path):

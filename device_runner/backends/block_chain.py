@@ -56,8 +56,9 @@ class BlockSessions:
     """ONNX Runtime sessions of the block programs, one per program file, created on first use
     (blocks of the same structure share one file and so one session)."""
 
-    def __init__(self, threads: int | None):
+    def __init__(self, threads: int | None, profile_prefix: str | None = None):
         self.threads = threads
+        self.profile_prefix = profile_prefix     # ONNX Runtime's profiler on every session (benchmarks)
         self._sessions: dict[Path, object] = {}
         self._bindings: dict[tuple[int, str], _Binding] = {}
 
@@ -74,6 +75,9 @@ class BlockSessions:
             # session: 1.7x slower on two cores (resnet18 x0.5 suffix, batch 32). Spinning only
             # inside Run keeps ORT's fast wake-ups (no spinning at all: 1.5x slower).
             options.add_session_config_entry("session.force_spinning_stop", "1")
+            if self.profile_prefix:
+                options.enable_profiling = True
+                options.profile_file_prefix = f"{self.profile_prefix}-{path.parent.name}-{kind}"
             try:
                 self._sessions[path] = onnxruntime.InferenceSession(
                     os.fspath(path), options, providers=["CPUExecutionProvider"])
@@ -106,6 +110,10 @@ class BlockSessions:
         feeds = {graph: state.weights[name] if stored else activations[name]
                  for graph, name, stored in binding.feeds}
         return dict(zip(binding.outputs, binding.session.run(None, feeds)))
+
+    def end_profiling(self) -> list[str]:
+        """Write every session's profile (``profile_prefix`` set) and return the JSON files."""
+        return [session.end_profiling() for session in self._sessions.values()]
 
     def release(self, index: int, kinds=TRAINING_PROGRAMS) -> None:
         """Forget block ``index``'s ``kinds`` (a frozen block never trains again); a session

@@ -121,8 +121,8 @@ class PrefixChain:
     def forward(self, x: np.ndarray, rounded: bool = True) -> np.ndarray:
         """Features for the suffix; ``rounded=False`` keeps full float32 (evaluation, export)."""
         keep = self.precision if rounded else (lambda features: features)
-        if self.base is not None:
-            x = keep(self.base.forward(x))
-        for bridge in self.bridges:
-            x = keep(bridge.forward(x))
+        for part in ([self.base] if self.base is not None else []) + list(self.bridges):
+            # A frozen segment's int8 features are for training only (frozen_segment.py).
+            run = part.forward if rounded else getattr(part, "forward_exact", part.forward)
+            x = keep(run(x))
         return x
