@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.test_device_v2 import config, quiet
+from test_device_v2 import config, quiet
 
 
 def _digits(bundle, count: int, offset: int = 0):
