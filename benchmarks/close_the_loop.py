@@ -113,6 +113,21 @@ def carve_splits(data_dir: Path, work: Path, sizes: dict[str, int], seed: int) -
             "images": {split: count * len(classes) for split, count in sizes.items()}}
 
 
+def prepared_splits(data_dir: Path, work: Path, sizes: dict[str, int], seed: int) -> dict:
+    """The splits of ``work`` (``work/splits.json``, ``work/data/<split>``): carved on the first
+    run, reused after; SystemExit when ``work`` holds splits of other sizes."""
+    data, splits_json = work / "data", work / "splits.json"
+    if not splits_json.exists():
+        if data.exists():
+            shutil.rmtree(data)
+        splits_json.write_text(json.dumps(carve_splits(Path(data_dir), data, sizes, seed), indent=2))
+    splits = json.loads(splits_json.read_text())
+    if splits["per_class"] != sizes:
+        raise SystemExit(f"error: {work} holds splits of other sizes {splits['per_class']}; pass --fresh "
+                         "or another --work")
+    return splits
+
+
 # -- running the CLIs ---------------------------------------------------------------------------
 class Steps:
     """Runs each command once, records command, wall time, exit code and stderr tail in
@@ -218,15 +233,7 @@ def main(argv=None) -> dict:
     # 1. splits
     sizes = {"host": args.host_per_class, **{f"device_{d}": args.device_per_class for d in DEVICES},
              "test": args.test_per_class}
-    splits_json = work / "splits.json"
-    if not splits_json.exists():
-        if data.exists():
-            shutil.rmtree(data)
-        splits = carve_splits(Path(args.data_dir), data, sizes, args.seed)
-        splits_json.write_text(json.dumps(splits, indent=2))
-    splits = json.loads(splits_json.read_text())
-    if splits["per_class"] != sizes:
-        raise SystemExit(f"error: {work} holds splits of other sizes {splits['per_class']}; pass --fresh")
+    splits = prepared_splits(Path(args.data_dir), work, sizes, args.seed)
 
     # 2. host training and export
     host_run, bundle = work / "host", work / "bundle"

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.close_the_loop import Steps, _machine, carve_splits, py  # noqa: E402
+from benchmarks.close_the_loop import Steps, _machine, prepared_splits, py  # noqa: E402
 
 WIDTHS = {"resnet18": "1", "resnet32": "2"}
 
@@ -159,11 +159,7 @@ def main(argv=None) -> dict:
     steps = Steps(args.work)
     data = args.work / "data"
     sizes = {"host": args.host_per_class, "device": args.device_per_class, "test": args.test_per_class}
-    splits_json = args.work / "splits.json"
-    if not splits_json.exists():
-        splits_json.write_text(json.dumps(carve_splits(Path(args.data_dir), data, sizes, args.seed), indent=2))
-    if json.loads(splits_json.read_text())["per_class"] != sizes:
-        raise SystemExit(f"error: {args.work} holds splits of other sizes; remove it")
+    prepared_splits(Path(args.data_dir), args.work, sizes, args.seed)
     rows = []
     for model in args.models:
         width = WIDTHS.get(model, "1")

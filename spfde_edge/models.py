@@ -90,6 +90,12 @@ def available_models() -> list[str]:
 
 MODEL_HELP = ("a registered model ({registered}), torchvision:NAME, timm:NAME, or your own "
               "package.module:factory / file.py:factory (docs/models.md)")
+BN_MOMENTUM_HELP = ("BatchNorm running-statistics momentum, kept on the device too (default: the model's "
+                    "own; torchvision's MobileNetV3/EfficientNet use 0.01, set for hundreds of epochs: 0.1 "
+                    "for short runs; docs/models.md)")
+INIT_FROM_HELP = ("start from these weights (a state dict or .safetensors file, e.g. torchvision's or timm's, "
+                  "offline); masks keep each layer's largest weights and the head is re-initialised when "
+                  "the class count differs")
 
 
 def check_model_name(name: str) -> None:

@@ -12,7 +12,7 @@ from .config import ConfigError, TrainConfig
 from .data import DataError
 from .distributed import LauncherGone, shutdown
 from .freezing import FreezeError
-from .models import MODEL_HELP, ModelError, available_models, folder_name
+from .models import BN_MOMENTUM_HELP, INIT_FROM_HELP, MODEL_HELP, ModelError, available_models, folder_name
 from .sieve import SieveError
 from .sparsity.dst import ScheduleError
 from .sparsity.masks import SparsityError
@@ -45,13 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model", metavar="NAME",
                        help=MODEL_HELP.format(registered=", ".join(available_models()))
                        + f" (default {d.model})")
-    model.add_argument("--bn-momentum", type=float,
-                       help="BatchNorm running-statistics momentum (default: the model's own; torchvision's "
-                            "MobileNetV3/EfficientNet use 0.01, set for hundreds of epochs: 0.1 for short runs)")
-    model.add_argument("--init-from", metavar="PATH",
-                       help="start from these weights (a state dict or .safetensors file, e.g. torchvision's "
-                            "or timm's, offline); masks keep each layer's largest weights and the head is "
-                            "re-initialised when the class count differs")
+    model.add_argument("--bn-momentum", type=float, help=BN_MOMENTUM_HELP)
+    model.add_argument("--init-from", metavar="PATH", help=INIT_FROM_HELP)
     model.add_argument("--width", type=float,
                        help="channel multiplier (default: 2 for resnet32 as in the paper, 1 otherwise)")
     model.add_argument("--imagenet-stem", dest="cifar_stem", action="store_false",

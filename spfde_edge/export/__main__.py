@@ -10,6 +10,8 @@ from device_runner.cli import ArgumentParser
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from spfde_edge.models import BN_MOMENTUM_HELP, INIT_FROM_HELP
+
     p = ArgumentParser(
         prog="python -m spfde_edge.export",
         description="Export a model (trained checkpoint or fresh) as an SpFDE device bundle: per "
@@ -80,13 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --inspect: check the signature against the NAME.pub keys in DIR")
     fresh = p.add_argument_group("fresh model only (a checkpoint carries its own)")
     fresh.add_argument("--num-classes", type=int, help="default 10")
-    fresh.add_argument("--bn-momentum", type=float,
-                       help="BatchNorm running-statistics momentum the device keeps (default: the model's own; "
-                            "0.1 for a short run of a model set for hundreds of epochs, docs/models.md)")
-    fresh.add_argument("--init-from", metavar="PATH",
-                       help="pretrained weights (a state dict or .safetensors, e.g. torchvision's or timm's); "
-                            "masks keep each layer's largest weights, the head is re-initialised when the "
-                            "class count differs")
+    fresh.add_argument("--bn-momentum", type=float, help=BN_MOMENTUM_HELP)
+    fresh.add_argument("--init-from", metavar="PATH", help=INIT_FROM_HELP)
     fresh.add_argument("--width", type=float, help="channel multiplier (default: the model's)")
     fresh.add_argument("--imagenet-stem", dest="cifar_stem", action="store_false",
                        help="ImageNet stem (resnet18: 7x7/2 conv + max-pool; a library model as published) instead of the CIFAR stem (first conv stride 1)")
