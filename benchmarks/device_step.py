@@ -30,7 +30,8 @@ block boundary a stage) once per model and reused for every k. Then:
   ~ln(10) whatever its weights, so the first step's logits are compared too (``*_logits_rel``).
   Every row keeps the load average before and after its timing (the CPU may be shared).
 * **rss**: peak RSS (VmHWM) of a process per backend (ORT training, step graph, block chain,
-  ORT training format 2, PyTorch), each in its own subprocess, doing the same steps.
+  ORT training format 2, PyTorch), each in its own subprocess, doing the same steps; the
+  device backends' processes set glibc's allocator as the runner does (``device_runner/allocator.py``).
 * **prefix**: forward latency of the frozen prefix on ExecuTorch (the bundle's XNNPACK
   ``.pte``), ONNX Runtime (``prefix.onnx``) and PyTorch eager, at the ``.pte``'s batch.
 
@@ -424,6 +425,9 @@ def run_worker(spec: dict) -> dict:
     stage = bundle.stage(spec["k"])
     features, labels = batch(stage, spec["batch_size"], seed=1)
     if spec["backend"] in DEVICE_BACKENDS:
+        from device_runner.allocator import return_large_frees
+
+        return_large_frees()            # as device_runner's Runner sets it (device_runner/allocator.py)
         backend = DEVICE_BACKENDS[spec["backend"]](bundle, spec["k"], spec["num_blocks"], spec["threads"],
                                                    spec["lr"], spec["momentum"], spec["weight_decay"])
     else:

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import budget, checkpoint, dst, run_lock, run_state, schedule
+from . import allocator, budget, checkpoint, dst, run_lock, run_state, schedule
 from .backends import choose_suffix_backend
 from .bundle import Bundle, load_bundle
 from .data import DeviceData, load_data, stratified_split
@@ -98,6 +98,7 @@ class Runner:
         self.config = config
         self.out = Path(out)
         self.log = log
+        allocator.return_large_frees()      # before the big arrays: what a step frees is returned
         self.profile: Profile = load_profile(config.profile, config.profile_overrides())
         # Signature (when keys are configured), paths and sha256 checked before anything is loaded;
         # a resumed run checks again, with the keys it started with (docs/trust.md).

@@ -132,13 +132,7 @@ class StagePipeline:
         """Held-out top-1 (percent) of ``trainer`` on features as training reads them."""
         if self.heldout_idx.size == 0:
             return None
-        correct = 0
-        for start in range(0, self.heldout_idx.size, 64):
-            idx = self.heldout_idx[start:start + 64]
-            x = normalize(self.data.images[idx], self.bundle.mean, self.bundle.std)
-            logits = trainer.eval_step(self.prefix.forward(x), self.data.labels[idx])[1]
-            correct += int((logits.argmax(1) == self.data.labels[idx]).sum())
-        return 100.0 * correct / self.heldout_idx.size
+        return 100.0 * self.evaluate(trainer, self.heldout_idx, 64, training_features=True)["val_acc"]
 
     def settle_precisions(self, trainer) -> list[dict]:
         """Choose the precision of every frozen segment not chosen yet (profile
@@ -213,22 +207,24 @@ class StagePipeline:
         t2 = time.perf_counter()
         return features, int(hit.sum()), t1 - t0, t2 - t1
 
-    def uncached_features(self, indices: np.ndarray) -> np.ndarray:
+    def uncached_features(self, indices: np.ndarray, training_features: bool = False) -> np.ndarray:
         """The prefix's full-precision output for ``indices`` without the cache (held-out
-        evaluation, and what memory planning measures)."""
+        evaluation, and what memory planning measures); ``training_features``: at the
+        precision training reads instead (int8 prefix, cache rounding)."""
         x = normalize(self.data.images[indices], self.bundle.mean, self.bundle.std)
-        return x if self.prefix.empty else self.prefix.forward(x, rounded=False)
+        return x if self.prefix.empty else self.prefix.forward(x, rounded=training_features)
 
-    def evaluate(self, trainer, indices: np.ndarray, batch_size: int) -> dict:
+    def evaluate(self, trainer, indices: np.ndarray, batch_size: int, training_features: bool = False) -> dict:
         """Held-out accuracy and loss of ``trainer`` on ``indices``, at full precision: the
         model the run reports is the one ``export-model`` writes (the cache's precision only
-        applies to the features training steps read)."""
+        applies to the features training steps read). ``training_features``: on the features
+        as training reads them (how the int8 prefix is judged, frozen_segment.py)."""
         correct, loss_sum = 0, 0.0
         size = max(1, batch_size or 32)
         labels = self.data.labels
         for start in range(0, indices.size, size):
             idx = indices[start:start + size]
-            loss, logits = trainer.eval_step(self.uncached_features(idx), labels[idx])
+            loss, logits = trainer.eval_step(self.uncached_features(idx, training_features), labels[idx])
             correct += int((logits.argmax(1) == labels[idx]).sum())
             loss_sum += loss * idx.size
         return {"val_acc": correct / indices.size, "val_loss": loss_sum / indices.size}

@@ -4,12 +4,14 @@
 #
 #   sudo scripts/arm64_check.sh            # everything; the rootfs and wheels are reused
 #   sudo scripts/arm64_check.sh --setup    # phases 1-5 only (emulator, rootfs, wheels, smoke test)
+#   sudo scripts/arm64_check.sh --int8     # phases 1-5, 6a and 7 (the int8 frozen prefix) only
 #
 # Environment: ARM64_ROOT (rootfs, default /var/tmp/spfde-arm64-root),
 #              ARM64_WHEELS (aarch64 wheel cache, default /var/tmp/spfde-arm64-wheels),
 #              ARM64_WORK (bundle, data and runs, default /var/tmp/spfde-arm64-work),
 #              PYTHON (host Python with spfde_edge installed, default python3),
 #              EPOCHS (device epochs of the compared runs, default 2),
+#              INT8_K (phase 7: the int8 prefix is blocks [0, INT8_K), default 8),
 #              BUNDLE_FORMAT (2: one weight store + per-block programs, the block chain, default,
 #              as the exporter's; 1: per-stage step.onnx),
 #              LR (device learning rate of the compared runs, default 0.005 for format 2, 0.05
@@ -19,7 +21,9 @@
 # downloaded on the host (pip inside the chroot cannot verify this network's TLS), 4 offline
 # install into a venv in the rootfs, 5 smoke test (device_runner imports without torch, plain
 # onnxruntime runs a tiny model), 6 the same short training run on x86-64 and under emulation,
-# compared step by step (scripts/arm64/compare_runs.py).
+# compared step by step (scripts/arm64/compare_runs.py), 7 the int8 frozen prefix built and run on
+# both (scripts/arm64/int8_features.py), each within the documented error of float32
+# (scripts/arm64/compare_int8.py).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -42,11 +46,13 @@ VENV=$DEVICE_DIR/venv
 PLATFORMS=(--platform manylinux2014_aarch64 --platform manylinux_2_17_aarch64
            --platform manylinux_2_27_aarch64 --platform manylinux_2_28_aarch64)
 SETUP_ONLY=0
+INT8_ONLY=0
 case "${1:-}" in
     "") ;;
     --setup) SETUP_ONLY=1 ;;
-    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "error: unknown argument $1 (use --setup, --help or nothing)" >&2; exit 2 ;;
+    --int8) INT8_ONLY=1 ;;
+    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "error: unknown argument $1 (use --setup, --int8, --help or nothing)" >&2; exit 2 ;;
 esac
 
 phase() { printf '\n== %s\n' "$*"; PHASE_START=$SECONDS; }
@@ -238,6 +244,7 @@ run_args() {  # run_args WORKDIR PROFILE OUT
 }
 done_phase
 
+if ((! INT8_ONLY)); then
 phase "6b. device_runner on the host (x86-64), $EPOCHS epochs"
 rm -rf "$WORK/run-x86"
 (cd "$REPO" && "$PYTHON" scripts/arm64/steplog.py $(run_args "$WORK" "$WORK/x86-onnxruntime.yaml" "$WORK/run-x86")) \
@@ -256,4 +263,18 @@ phase "6d. compare (tolerance: relative 1e-4 on losses and weights)"
     --names x86-64 "arm64 under qemu emulation" \
     || die "x86-64 and arm64 runs differ (tables above; runs in $WORK/run-x86 and $ROOT$DEV_WORK/run-arm64)"
 echo "   (arm64 times and peak RSS are under qemu emulation, including the emulator's own memory: not a board's)"
+done_phase
+fi
+
+# ---------------------------------------------------------------- 7. int8 frozen prefix
+# The same bundle's first half quantized on each machine from the same digits (the device
+# calibrates on its own samples), float32 and int8 features of unseen digits compared.
+INT8_K="${INT8_K:-8}"
+phase "7. int8 frozen prefix (blocks 0..$((INT8_K - 1))) on x86-64 and under emulation"
+(cd "$REPO" && PYTHONPATH="$REPO" "$PYTHON" scripts/arm64/int8_features.py "$BUNDLE" "$INT8_K" "$WORK/int8-x86.npz") \
+    || die "the int8 prefix on x86-64 failed (above)"
+in_root /bin/sh -c "cd $DEVICE_DIR && PYTHONPATH=$DEVICE_DIR exec $VENV/bin/python scripts/arm64/int8_features.py \
+    $DEV_WORK/bundle $INT8_K $DEV_WORK/int8-arm64.npz" || die "the int8 prefix failed under emulation (above)"
+(cd "$REPO" && PYTHONPATH="$REPO" "$PYTHON" scripts/arm64/compare_int8.py "$WORK/int8-x86.npz" "$ROOT$DEV_WORK/int8-arm64.npz") \
+    || die "the int8 prefix is outside its documented error on one machine (table above)"
 done_phase

@@ -122,3 +122,34 @@ def test_int8_prefix_quick(tmp_path, capsys):
         assert row["float32_vs_fed_rel_error"] < 1e-4
         assert abs(row["top1_change"] - (row["top1_int8"] - row["top1_float32"])) < 1e-9
     assert "| resnet32 x0.5 | 8 |" in capsys.readouterr().out
+
+
+def test_sparse_products_quick(tmp_path, capsys):
+    """benchmarks/sparse_products.py: every suffix layer's CSR products compute what the dense
+    ones do (so the timings compare the same work) and the JSON carries both timings."""
+    result = load("sparse_products").main(["--quick", "--out", str(tmp_path)])
+    case = result["cases"][0]
+    layers = [row for row in case["layers"] if "skipped" not in row]
+    assert {row["kind"] for row in layers} == {"conv 3x3 s1", "conv 3x3 s2", "conv 1x1 s2", "linear"}
+    for row in layers:
+        assert row["forward_rel_error"] < 1e-5, row
+        assert row.get("input_grad_rel_error", 0.0) < 1e-5, row
+        assert row["dense_forward_ms"] > 0 and row["sparse_forward_ms"] > 0
+        assert row["best_ms"] <= min(row["dense_ms"], row["sparse_ms"]) + 1e-9
+    assert 0 <= case["best_saving"] < 1
+    assert json.loads((tmp_path / "results.json").read_text())["cases"][0]["density"] == 0.1
+    assert "the faster of each" in capsys.readouterr().out
+
+
+def test_weight_gradient_forms_quick(tmp_path, capsys):
+    """benchmarks/weight_gradient_forms.py: the four ONNX forms of a weight gradient (the
+    exporter's taps among them) agree with PyTorch's before they are timed, strided ones too."""
+    result = load("weight_gradient_forms").main(["--quick", "--out", str(tmp_path)])
+    rows = result["cases"][0]["rows"]
+    assert {row["shape"].split()[-1] for row in rows} == {"s1", "s2"}
+    for row in rows:
+        for form in ("taps", "padded_taps", "im2col", "convolution"):
+            assert row[f"{form}_rel_error"] < 1e-5, (form, row)
+            assert row[f"{form}_ms"] > 0
+    assert json.loads((tmp_path / "results.json").read_text())["cases"][0]["totals_ms"]["taps"] > 0
+    assert "relative to taps" in capsys.readouterr().out

@@ -157,3 +157,30 @@ def test_feature_cache_round_trip_and_transform(tmp_path, location):
     cache.transform(lambda f: f.reshape(len(f), -1)[:, :4] * 2, feature_shape=(4,))
     np.testing.assert_array_equal(cache.get(np.array([4])), [[12, 14, 16, 18]])
     assert FeatureCache(1000, (64, 8, 8), location, max_mb=1, directory=tmp_path).enabled is False
+
+
+def test_freed_large_arrays_go_back_to_the_system():
+    """device_runner/allocator.py: after a 30 MB array is freed, glibc's default would serve a
+    20 MB one from its heap and keep those pages; with the runner's fixed mmap threshold the
+    20 MB come back when freed (the peak-RSS saving of docs/benchmarks.md §8)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "from device_runner import allocator\n"
+        "set_ = allocator.return_large_frees() if sys.argv[1] == 'set' else None\n"
+        "def rss():\n"
+        "    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) // 1024\n"
+        "a = np.ones(30 << 18, np.float32); del a\n"
+        "before = rss()\n"
+        "b = np.ones(20 << 18, np.float32); del b\n"
+        "print(set_, rss() - before)\n")
+    kept = {}
+    for mode in ("default", "set"):
+        out = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, check=True)
+        flag, grown = out.stdout.split()
+        kept[mode] = int(grown)
+        if mode == "set":
+            assert flag == "True"
+    assert kept["default"] >= 15 and kept["set"] <= 2, kept

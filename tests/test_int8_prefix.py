@@ -151,3 +151,27 @@ def test_a_segment_the_quantizer_refuses_stays_float32_under_auto(bundle_v2_dir,
     assert record["why"] == "auto: int8 quantization failed (ValueError: unsupported operator Foo); float32 kept"
     with pytest.raises(RunError, match="blocks 0..3 cannot be quantized to int8.*--prefix-precision float32"):
         choose_precision(segment, "int8", calibration, lambda: 50.0)
+
+
+def test_the_arm64_checks_int8_scripts_compare_two_machines_files(bundle_v2_dir, tmp_path):
+    """scripts/arm64/int8_features.py + compare_int8.py (phase 7 of scripts/arm64_check.sh), run
+    twice here: the same machine agrees with itself, and a file whose int8 features are off by
+    more than the documented error makes the comparison fail."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin"}
+    outs = [tmp_path / "a.npz", tmp_path / "b.npz"]
+    for out in outs:
+        made = subprocess.run([sys.executable, "scripts/arm64/int8_features.py", str(bundle_v2_dir), "8", str(out)],
+                              cwd=repo, env=env, capture_output=True, text=True)
+        assert made.returncode == 0, made.stderr[-2000:]
+        assert "documented bound 0.06" in made.stdout
+    compare = [sys.executable, "scripts/arm64/compare_int8.py", str(outs[0])]
+    same = subprocess.run(compare + [str(outs[1])], cwd=repo, env=env, capture_output=True, text=True)
+    assert same.returncode == 0 and "100.0 % of values identical" in same.stdout, same.stdout + same.stderr
+    off = dict(np.load(outs[1]))
+    off["int8"] = off["int8"] + 0.2 * np.abs(off["float32"]).max()
+    np.savez(tmp_path / "off.npz", **off)
+    failed = subprocess.run(compare + [str(tmp_path / "off.npz")], cwd=repo, env=env, capture_output=True, text=True)
+    assert failed.returncode == 1 and "FAILED" in failed.stdout

@@ -236,6 +236,34 @@ def test_a_layer_without_an_ort_gradient_is_named_and_the_block_chain_still_trai
     assert refused.returncode == 2 and "no ORT training artifacts" in refused.stderr
 
 
+SHARED_BATCHNORM_NET = (
+    "import torch\n"
+    "from torch import nn\n"
+    "class Twice(nn.Module):\n"
+    "    def __init__(self):\n"
+    "        super().__init__()\n"
+    "        self.conv, self.bn = nn.Conv2d(8, 8, 3, 1, 1), nn.BatchNorm2d(8)\n"
+    "    def forward(self, x):\n"
+    "        return torch.relu(self.bn(self.conv(self.bn(x))))\n"
+    "def twice(num_classes=10):\n"
+    "    return nn.Sequential(nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.BatchNorm2d(8), nn.ReLU()), Twice(),\n"
+    "                         nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes)))\n")
+
+
+def test_a_batchnorm_called_twice_is_refused_naming_it_and_its_block(tmp_path, monkeypatch, capsys):
+    """ORT training artifacts move each BatchNorm's statistics once per step: a BatchNorm the
+    forward calls twice is refused in one line naming the layer and the block."""
+    from spfde_edge.export.__main__ import main as export_main
+
+    (tmp_path / "nets.py").write_text(SHARED_BATCHNORM_NET)
+    monkeypatch.chdir(tmp_path)
+    assert export_main(["--model", "nets.py:twice", "--out", str(tmp_path / "bundle")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 1, err[-2000:]
+    assert "BatchNorm blocks.1.bn is called twice" in err and "in block 1 (1)" in err and "--no-ort-training" in err
+    assert not (tmp_path / "bundle").exists()
+
+
 def test_no_ort_training_is_a_format_2_option():
     from spfde_edge.export import BundleError, ExportOptions
 

@@ -184,6 +184,9 @@ class BlockChainTrainer(StateSuffix):
     def train_step(self, features: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
         """Forward in train mode (running statistics updated in the state), cross entropy,
         backward block by block; gradients kept for :meth:`sgd_step`."""
+        # The last step's gradients go first: kept through this step's forward, they were the
+        # largest avoidable share of peak RSS (resnet18 k=5, batch 32: 40 MB of ~390).
+        self.grads = {}
         x = _activation(features)
         tapes = []                                   # per block: what its backward reads
         for block in self.blocks:

@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 
+from ..allocator import release_freed_memory
 from ..errors import BundleError, RunError
 from . import quantize
 
@@ -74,7 +75,7 @@ class FrozenSegment:
         for block, weights, exact in zip(self.blocks, self._weights, self._float32):
             model = quantize.constant_model(block.program("infer"), weights)
             sessions.append(self._session(block, quantize.int8_model(model, x)))
-            quantize.release_freed_memory()
+            release_freed_memory()
             x = exact.run(None, {quantize.X: x})[0]
         self._int8 = sessions
         return time.perf_counter() - started

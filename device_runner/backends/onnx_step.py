@@ -99,8 +99,8 @@ class StepGraphTrainer:
 
     def train_step(self, features: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
         """Forward + backward; gradients kept for :meth:`sgd_step`, running statistics updated."""
+        self.grads = {}      # the last step's gradients are not held through this one (block_chain.py)
         results = self.session.run(None, self._feeds(self.inputs, features, labels))
-        self.grads = {}
         for name, value in zip(self.outputs[2:], results[2:]):
             if name.endswith(GRAD_SUFFIX):
                 self.grads[name[: -len(GRAD_SUFFIX)]] = value

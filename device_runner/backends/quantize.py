@@ -12,8 +12,6 @@ Everything here runs on the board, with plain onnxruntime and onnx (no torch).
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import gc
 import os
 import sys
 import tempfile
@@ -43,16 +41,6 @@ def constant_model(program: Path, weights: dict[str, np.ndarray]):
     del model.graph.input[:]
     model.graph.input.extend(kept)
     return model
-
-
-def release_freed_memory() -> None:
-    """Hand memory freed by the quantization tool's temporary sessions back to the system
-    (glibc keeps it otherwise: 300 MB of peak RSS for resnet32 x2's first eight blocks)."""
-    gc.collect()                        # the tool's sessions sit in reference cycles
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):   # not glibc: nothing to do
-        pass
 
 
 def session(model_bytes: bytes, threads: int | None):

@@ -387,7 +387,7 @@ def _ort_boundaries_or_refuse(model, tmp: Path, example: torch.Tensor, options, 
     except (NotImplementedError, RuntimeError) as exc:
         text = str(exc)
         op = re.search(r"has not been registered: (\w+) for node (\S+)", text)
-        block = re.search(r"/blocks\.(\d+)/", text)
+        block = re.search(r"\bblocks\.(\d+)[/.]", text)     # node /blocks.3/… or module blocks.3.bn1
         where = (f"block {block.group(1)} ({model.block_names[int(block.group(1))]})" if block else "the model")
         what = (f"has no gradient for {op.group(1)}" if op
                 else f"cannot build the gradient graph ({text.strip().splitlines()[-1][-160:]})")

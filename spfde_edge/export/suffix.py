@@ -62,11 +62,14 @@ class BatchStatsSink:
 
     def __init__(self) -> None:
         self.values: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.names: dict[int, str] = {}        # for the refusal below
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         if self.values is not None:
             if id(module) in self.values:
-                raise NotImplementedError("a BatchNorm called twice in one forward is not supported")
+                # Its running statistics would move twice per step, which no graph here expresses.
+                raise NotImplementedError(f"BatchNorm {self.names.get(id(module), '?')} is called twice "
+                                          "in one forward, which the suffix export does not support")
             x = args[0]
             self.values[id(module)] = (x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=True))
 
@@ -125,6 +128,7 @@ class TrainableSuffix(nn.Module):
                 self.mask_names.append(f"{name}.weight{MASK_SUFFIX}")
             elif isinstance(module, nn.BatchNorm2d):
                 module.register_forward_pre_hook(self.sink)
+                self.sink.names[id(module)] = name
                 self.batchnorms.append((name, module))
             elif type(module) in ORT_LOWERINGS:
                 module.__class__ = globals()[ORT_LOWERINGS[type(module)]]
