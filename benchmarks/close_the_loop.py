@@ -48,14 +48,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default=str(ROOT.parent / "shared/data/cifar10/train"),
-                   help="class folders of images (read only)")
-    p.add_argument("--work", default=None, help="splits, runs and bundles (default runs/close_the_loop[_quick])")
-    p.add_argument("--out", default=None,
-                   help="results folder (default benchmarks/results/close_the_loop[_quick])")
-    p.add_argument("--host-per-class", type=int, default=400)
-    p.add_argument("--device-per-class", type=int, default=200, help="per class, for each of A, B, C")
-    p.add_argument("--test-per-class", type=int, default=200)
+    add_split_arguments(p, "close_the_loop", host_per_class=400, device_per_class=200, test_per_class=200,
+                        device_help="per class, for each of A, B, C")
     p.add_argument("--seed", type=int, default=0, help="seed of the splits, the host run and the device runs")
     p.add_argument("--model", default="resnet32")
     p.add_argument("--width", type=float, default=0.5)
@@ -76,14 +70,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fresh", action="store_true", help="remove WORK and start over")
     p.add_argument("--quick", action="store_true", help="smoke run: few images, tiny model, 1-2 epochs")
     args = p.parse_args(argv)
-    suffix = "_quick" if args.quick else ""
     if args.quick:
         args.host_per_class, args.device_per_class, args.test_per_class = 20, 10, 10
         args.width, args.input_size, args.host_epochs, args.device_epochs = 0.25, 16, 2, 2
         args.fresh_stages = "0"
-    args.work = Path(args.work or ROOT / f"runs/close_the_loop{suffix}")
-    args.out = Path(args.out or ROOT / f"benchmarks/results/close_the_loop{suffix}")
+    default_folders(args, "close_the_loop")
     return args
+
+
+def add_split_arguments(p: argparse.ArgumentParser, name: str, host_per_class: int, device_per_class: int,
+                        test_per_class: int, device_help: str | None = None) -> None:
+    """The options every benchmark on carved CIFAR-10 splits takes (:func:`prepared_splits`):
+    the images, its work and results folders (:func:`default_folders`) and the split sizes."""
+    p.add_argument("--data-dir", default=str(ROOT.parent / "shared/data/cifar10/train"),
+                   help="class folders of images (read only)")
+    p.add_argument("--work", type=Path, default=None, help=f"splits, runs and bundles (default runs/{name}[_quick])")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"results folder (default benchmarks/results/{name}[_quick])")
+    p.add_argument("--host-per-class", type=int, default=host_per_class)
+    p.add_argument("--device-per-class", type=int, default=device_per_class, help=device_help)
+    p.add_argument("--test-per-class", type=int, default=test_per_class)
+
+
+def default_folders(args: argparse.Namespace, name: str) -> None:
+    """``--work`` and ``--out`` when not given: runs/NAME and benchmarks/results/NAME (``_quick`` for --quick)."""
+    suffix = "_quick" if args.quick else ""
+    args.work = Path(args.work or ROOT / f"runs/{name}{suffix}")
+    args.out = Path(args.out or ROOT / f"benchmarks/results/{name}{suffix}")
 
 
 # -- 1. splits ----------------------------------------------------------------------------------

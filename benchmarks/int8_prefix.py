@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.close_the_loop import Steps, _machine, prepared_splits, py  # noqa: E402
+from benchmarks.close_the_loop import (  # noqa: E402
+    Steps, _machine, add_split_arguments, default_folders, prepared_splits, py)
 
 WIDTHS = {"resnet18": "1", "resnet32": "2"}
 
@@ -43,12 +44,7 @@ WIDTHS = {"resnet18": "1", "resnet32": "2"}
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="*", default=["resnet32", "resnet18"])
-    p.add_argument("--data-dir", default=str(ROOT.parent / "shared/data/cifar10/train"))
-    p.add_argument("--work", type=Path, default=None, help="default runs/int8_prefix[_quick]")
-    p.add_argument("--out", type=Path, default=None, help="default benchmarks/results/int8_prefix[_quick]")
-    p.add_argument("--host-per-class", type=int, default=500)
-    p.add_argument("--device-per-class", type=int, default=100)
-    p.add_argument("--test-per-class", type=int, default=200)
+    add_split_arguments(p, "int8_prefix", host_per_class=500, device_per_class=100, test_per_class=200)
     p.add_argument("--host-epochs", type=int, default=10)
     p.add_argument("--splits", nargs="+", default=["middle", "last-third"],
                    help="middle (k = n // 2), last-third, or an integer k")
@@ -60,13 +56,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="measure these format-2 bundles too (no training: e.g. fresh exports for speed)")
     p.add_argument("--quick", action="store_true", help="smoke run: resnet32 x0.5, few images, 1 epoch")
     args = p.parse_args(argv)
-    suffix = "_quick" if args.quick else ""
     if args.quick:
         args.models, args.host_per_class, args.device_per_class, args.test_per_class = ["resnet32"], 20, 13, 10
         args.host_epochs, args.reps, args.threads = 1, 3, [1]
         WIDTHS["resnet32"] = "0.5"
-    args.work = args.work or ROOT / f"runs/int8_prefix{suffix}"
-    args.out = args.out or ROOT / f"benchmarks/results/int8_prefix{suffix}"
+    default_folders(args, "int8_prefix")
     return args
 
 

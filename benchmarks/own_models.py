@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.close_the_loop import Steps, _machine, prepared_splits, py  # noqa: E402
+from benchmarks.close_the_loop import (  # noqa: E402
+    Steps, _machine, add_split_arguments, default_folders, prepared_splits, py)
 
 SPLITS = ("host", "device", "test")
 
@@ -35,12 +36,7 @@ SPLITS = ("host", "device", "test")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["mobilenet_v2", "torchvision:mobilenet_v3_small"])
-    p.add_argument("--data-dir", default=str(ROOT.parent / "shared/data/cifar10/train"))
-    p.add_argument("--work", type=Path, default=None, help="default runs/own_models[_quick]")
-    p.add_argument("--out", type=Path, default=None, help="default benchmarks/results/own_models[_quick]")
-    p.add_argument("--host-per-class", type=int, default=500)
-    p.add_argument("--device-per-class", type=int, default=300)
-    p.add_argument("--test-per-class", type=int, default=200)
+    add_split_arguments(p, "own_models", host_per_class=500, device_per_class=300, test_per_class=200)
     p.add_argument("--host-epochs", type=int, default=8)
     p.add_argument("--device-epochs", type=int, default=3)
     p.add_argument("--bn-momentum", type=float, default=0.1,
@@ -52,12 +48,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fresh", action="store_true", help="remove WORK and start over")
     p.add_argument("--quick", action="store_true", help="smoke run: 20/10/10 images per class, 1 epoch each")
     args = p.parse_args(argv)
-    suffix = "_quick" if args.quick else ""
     if args.quick:
         args.host_per_class, args.device_per_class, args.test_per_class = 20, 10, 10
         args.host_epochs, args.device_epochs = 1, 1
-    args.work = args.work or ROOT / f"runs/own_models{suffix}"
-    args.out = args.out or ROOT / f"benchmarks/results/own_models{suffix}"
+    default_folders(args, "own_models")
     return args
 
 

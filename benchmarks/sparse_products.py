@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from device_step import format_table  # noqa: E402  (the benchmarks' one table layout)
 
 DEFAULT_CASES = ["resnet18:1:5", "resnet32:2:8"]
 
@@ -184,12 +186,6 @@ def measure_layer(entry: dict, density: float, reps: int, rng: np.random.Generat
     row["forward_sparse_over_dense"] = row["sparse_forward_ms"] / row["dense_forward_ms"]
     row["input_grad_sparse_over_dense"] = row["sparse_input_grad_ms"] / row["dense_input_grad_ms"]
     return row
-
-
-def format_table(headers, rows) -> str:
-    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
 def main(argv=None) -> dict:

@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sparse_products import DEFAULT_CASES, format_table, suffix_layers  # noqa: E402
+from device_step import format_table  # noqa: E402
+from sparse_products import DEFAULT_CASES, suffix_layers  # noqa: E402
 
 FORMS = ("taps", "padded_taps", "im2col", "convolution")
 
